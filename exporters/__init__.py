@@ -1,0 +1,1 @@
+"""Outputs: merged safetensors folders, ONNX graphs, and their validation."""

@@ -1,0 +1,286 @@
+"""Reading and writing safetensors without mmap and without holding a whole file.
+
+Why not `safetensors.safe_open`: its tensors are memory-mapped, and every page a merge
+touches stays resident (and counted in RSS) until the file is closed, so a merge of a
+10 GB shard would look like a 10 GB process. Here a tensor is read with one positioned
+read into a fresh buffer, and a shard is written from a header computed up front, so
+tensors can be streamed into it one at a time.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N,
+N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}}`,
+then the data buffer; offsets are relative to the start of the buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mora_core.errors import AdapterError, MoraCoreError
+
+if TYPE_CHECKING:
+    import torch
+
+# A header larger than this is not a model file, it is an attack or corruption.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    }
+    for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                       ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+        if hasattr(torch, attr):
+            table[name] = getattr(torch, attr)
+    return table
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (`"BF16"` -> `torch.bfloat16`)."""
+    try:
+        return _torch_dtypes()[code]
+    except KeyError:
+        raise MoraCoreError(f"unsupported safetensors dtype {code!r}") from None
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype."""
+    for code, dt in _torch_dtypes().items():
+        if dt == dtype:
+            return code
+    raise MoraCoreError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a file: enough to read it, copy it, or plan an output."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int  # absolute file offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class SafetensorsFile:
+    """A validated safetensors header plus positioned reads of single tensors.
+
+    Every problem in the header (truncation, absurd sizes, overlapping or out-of-file
+    offsets, sizes that do not match shape x dtype) raises `error_cls` with the path in
+    the message, before any tensor data is read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], error_cls: type[MoraCoreError] = AdapterError):
+        self.path = Path(path)
+        self._error_cls = error_cls
+        try:
+            self.file_size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    self._fail("file is shorter than a safetensors header (truncated?)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER_BYTES or n > self.file_size - 8:
+                    self._fail(f"header claims {n} bytes but the file has {self.file_size} (corrupt or truncated)")
+                raw = fh.read(n)
+        except OSError as exc:
+            raise error_cls(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            self._fail("header is not valid JSON (corrupt file?)")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        data_start = 8 + n
+        infos: list[TensorInfo] = []
+        for name, entry in header.items():
+            infos.append(self._parse_entry(name, entry, data_start))
+        infos.sort(key=lambda t: t.begin)
+        pos = data_start
+        for info in infos:
+            if info.begin < pos:
+                self._fail(f"tensor {info.name!r} overlaps another tensor")
+            pos = info.end
+        if pos > self.file_size:
+            self._fail(f"data ends at byte {pos} but the file has {self.file_size} (truncated)")
+        self.tensors: dict[str, TensorInfo] = {t.name: t for t in infos}
+
+    def _fail(self, what: str):
+        raise self._error_cls(f"{self.path}: {what}")
+
+    def _parse_entry(self, name: str, entry: Any, data_start: int) -> TensorInfo:
+        try:
+            code = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            b, e = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            self._fail(f"tensor {name!r} has a malformed header entry")
+        if code not in DTYPE_SIZES:
+            self._fail(f"tensor {name!r} has unsupported dtype {code!r}")
+        if any(d < 0 for d in shape) or b < 0 or e < b:
+            self._fail(f"tensor {name!r} has negative sizes or offsets")
+        if math.prod(shape) * DTYPE_SIZES[code] != e - b:
+            self._fail(f"tensor {name!r}: shape {list(shape)} x {code} does not match its {e - b} bytes")
+        return TensorInfo(name, code, shape, data_start + b, data_start + e)
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (by offset)."""
+        return list(self.tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh, owned memory (one positioned read, no mmap)."""
+        import torch
+
+        info = self.tensors[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            view = memoryview(buf.numpy())
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(info.begin)
+                got = 0
+                while got < info.nbytes:
+                    k = fh.readinto(view[got:])
+                    if not k:
+                        self._fail(f"tensor {name!r} is truncated")
+                    got += k
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return {n: self.read(n) for n in self.tensors}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def _alignment_padding(header_len: int) -> int:
+    # Like the reference writer: pad the JSON with spaces so the data starts 8-aligned.
+    return (8 - (8 + header_len) % 8) % 8
+
+
+def encode_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header for tensors laid out back to back, in order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * _alignment_padding(len(raw))
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingSafetensorsWriter:
+    """Writes one safetensors file whose layout is fixed up front, tensor by tensor.
+
+    Tensors must be given in the planned order with the planned dtype and shape; the
+    file is fsynced on `close()`. Memory: only the tensor being written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._plan = plan
+        self._next = 0
+        self._fh = open(self.path, "wb")
+        self._fh.write(encode_header(plan, metadata))
+
+    def _expect(self, name: str) -> PlannedTensor:
+        if self._next >= len(self._plan) or self._plan[self._next].name != name:
+            want = self._plan[self._next].name if self._next < len(self._plan) else "(end of file)"
+            raise RuntimeError(f"writer for {self.path} expected {want!r}, got {name!r}")
+        self._next += 1
+        return self._plan[self._next - 1]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self._expect(name)
+        if dtype_code(tensor.dtype) != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise RuntimeError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {planned.dtype} {planned.shape}")
+        import torch
+
+        flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(flat.numpy()))
+
+    def copy_raw(self, name: str, src: SafetensorsFile) -> None:
+        """Copy a tensor's bytes unchanged from `src`, kernel to kernel where possible."""
+        planned = self._expect(name)
+        info = src.tensors[name]
+        if info.nbytes != planned.nbytes or info.dtype != planned.dtype:
+            raise RuntimeError(f"{name}: raw copy of {info.dtype} into planned {planned.dtype}")
+        self._fh.flush()
+        with open(src.path, "rb", buffering=0) as fin:
+            _copy_range(fin.fileno(), self._fh.fileno(), info.begin, info.nbytes)
+        # the kernel advanced the fd offset; keep the Python object in step
+        self._fh.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        if self._next != len(self._plan):
+            self._fh.close()
+            raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def abort(self) -> None:
+        self._fh.close()
+
+
+def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
+    copy_file_range = getattr(os, "copy_file_range", None)
+    done = 0
+    while done < count:
+        n = count - done
+        k = 0
+        if copy_file_range is not None:
+            try:
+                k = copy_file_range(fd_in, fd_out, min(n, 1 << 30), offset + done)
+            except OSError:
+                copy_file_range = None
+        if not k:
+            chunk = os.pread(fd_in, min(n, 16 << 20), offset + done)
+            if not chunk:
+                raise OSError(f"unexpected end of file copying {count} bytes")
+            os.write(fd_out, chunk)
+            k = len(chunk)
+        done += k
+
+
+def iter_files(paths: Iterable[Path], error_cls: type[MoraCoreError]) -> Iterator[SafetensorsFile]:
+    for p in paths:
+        yield SafetensorsFile(p, error_cls)

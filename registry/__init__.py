@@ -1,0 +1,1 @@
+"""The versioned adapter store. Importing this package must not import torch."""
