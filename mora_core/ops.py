@@ -1,0 +1,152 @@
+"""Delta ops: one adapter's update to one base tensor, each kind with one job.
+
+An op is bound to a base tensor (its name and stored shape). It knows three things:
+
+- `add_into(w, weight, base)`: `w += weight * dW` in place, `w` in the tensor's *stored*
+  layout and in the accumulation dtype (float32/float64); `base` is the original base
+  tensor, needed by ops whose update depends on it (DoRA, full replacements);
+- `delta(base)`: the dense `dW` in stored layout (tests, reports);
+- `forward(x, base)`: the unmerged contribution to the module's output, i.e. the reference
+  semantics: `module(x; W + dW) == module(x; W) + forward(x, W)`.
+
+The merge loop and the unmerged forward only ever call these three, so the math of
+each adapter kind lives in exactly one place.
+
+Stored vs logical layout: a `torch.nn.Linear` weight is `[out, in]`; GPT-2's Conv1D stores
+`[in, out]` (`fan_in_fan_out`). Ops work on the logical `[out, in]` view, which for Conv1D
+is `w.T`: in-place ops on that view write the stored tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mora_core.mora import MoraOperator
+
+
+@dataclass
+class DeltaOp(ABC):
+    target: str  # base tensor name, e.g. "model.layers.0.self_attn.q_proj.weight"
+    shape: tuple[int, ...]  # stored shape of the base tensor
+    source: str  # which adapter it came from (for reports and errors)
+
+    @abstractmethod
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None: ...
+
+    def delta(self, base: torch.Tensor) -> torch.Tensor:
+        w = torch.zeros(self.shape, dtype=base.dtype if base.is_floating_point() else torch.float32)
+        self.add_into(w, 1.0, base)
+        return w
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor: ...
+
+
+def _logical(w: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return w.T if fan_in_fan_out else w
+
+
+@dataclass
+class LoraOp(DeltaOp):
+    """`dW = scaling * B @ A` (PEFT), on a Linear/Conv1D weight."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
+        a, b = self.a.to(w.dtype), self.b.to(w.dtype)
+        if self.fan_in_fan_out:  # stored [in, out] += (B @ A).T = A.T @ B.T
+            w.addmm_(a.T, b.T, alpha=weight * self.scaling)
+        else:
+            w.addmm_(b, a, alpha=weight * self.scaling)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return (x @ self.a.to(x.dtype).T) @ self.b.to(x.dtype).T * self.scaling
+
+
+@dataclass
+class LoraEmbeddingOp(DeltaOp):
+    """PEFT's embedding LoRA: `dW = scaling * (B @ A).T` on a `[num_embeddings, dim]` table."""
+
+    a: torch.Tensor  # lora_embedding_A [r, num_embeddings]
+    b: torch.Tensor  # lora_embedding_B [dim, r]
+    scaling: float
+
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
+        w.addmm_(self.a.to(w.dtype).T, self.b.to(w.dtype).T, alpha=weight * self.scaling)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        # x holds token ids here
+        rows = F.embedding(x, self.a.T.to(base.dtype))
+        return rows @ self.b.to(base.dtype).T * self.scaling
+
+
+@dataclass
+class DoraOp(DeltaOp):
+    """DoRA: `W' = m / ||W + s B A||_row * (W + s B A)`, so `dW = W' - W` (depends on W).
+
+    The norm is taken per output feature over the input features, as PEFT does, and on
+    the *original* base weight, so several adapters still merge to `W + sum_i w_i dW_i`.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor  # [out]
+    fan_in_fan_out: bool = False
+
+    def _merged_logical(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        w0 = _logical(base, self.fan_in_fan_out).to(dtype)
+        combined = torch.addmm(w0, self.b.to(dtype), self.a.to(dtype), alpha=self.scaling)
+        factor = self.magnitude.to(dtype) / torch.linalg.vector_norm(combined, dim=1)
+        return combined * factor.unsqueeze(1)
+
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
+        merged = self._merged_logical(base, w.dtype)
+        merged -= _logical(base, self.fan_in_fan_out).to(w.dtype)
+        _logical(w, self.fan_in_fan_out).add_(merged, alpha=weight)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        w0 = _logical(base, self.fan_in_fan_out).to(x.dtype)
+        combined = torch.addmm(w0, self.b.to(x.dtype), self.a.to(x.dtype), alpha=self.scaling)
+        mns = self.magnitude.to(x.dtype) / torch.linalg.vector_norm(combined, dim=1)
+        lora = (x @ self.a.to(x.dtype).T) @ self.b.to(x.dtype).T * self.scaling
+        return (mns - 1) * (x @ w0.T) + mns * lora
+
+
+@dataclass
+class MoraOp(DeltaOp):
+    """MoRA: a square `M` between fixed compress/decompress operators (scaling 1)."""
+
+    m: torch.Tensor  # [r_hat, r_hat]
+    operator: MoraOperator
+    fan_in_fan_out: bool = False
+
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
+        self.operator.add_into(_logical(w, self.fan_in_fan_out), self.m, weight)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return self.operator.forward(x, self.m.to(x.dtype))
+
+
+@dataclass
+class ReplaceOp(DeltaOp):
+    """A full tensor saved with the adapter (modules_to_save, bias='all'/'lora_only',
+    saved embedding layers): `dW = T - W`, so weight 1 gives exactly `T`."""
+
+    value: torch.Tensor
+
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
+        if weight == 1.0:  # w - W + T: exactly T when nothing else touched w
+            w.sub_(base.to(w.dtype)).add_(self.value.to(w.dtype))
+        else:
+            w.add_(self.value.to(w.dtype) - base.to(w.dtype), alpha=weight)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a replaced tensor is applied by substitution, not as a branch")
