@@ -20,7 +20,7 @@ import torch
 
 from mora_core.errors import AdapterError, MergeError
 from mora_core.mora import MoraOperator, mora_rank
-from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp, ReplaceOp
+from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp
 from mora_core.safetensors_io import SafetensorsFile
 from mora_core.spec import AdapterSpec, read_config
 
