@@ -1,0 +1,117 @@
+"""Adapter arguments of `adapters merge`, and registering what it produced.
+
+An argument is a local PEFT folder when such a folder exists, otherwise a registry
+reference, materialised (digest-verified) from the store. A reference pushed with
+`--base` recorded its base weight digests; merging onto a different base is refused
+unless the user allows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mora_core.adapter import Adapter, load_adapter
+from mora_core.errors import MergeError
+
+
+@dataclass
+class ResolvedAdapter:
+    arg: str
+    adapter: Adapter
+    ref: str  # registry reference ("name:3") or the folder path
+    version: Any | None  # registry VersionInfo when it came from the store
+
+    def describe(self, weight: float) -> dict[str, Any]:
+        return {"ref": self.ref, "weight": weight, "kind": self.adapter.kind,
+                "from": "registry" if self.version is not None else "folder"}
+
+
+def _open_registry(home: Path | None):
+    from registry.api import Registry
+
+    return Registry.open(home)
+
+
+def resolve_adapters(args: tuple[str, ...] | list[str], base_dir: Path, home: Path | None,
+                     allow_base_mismatch: bool) -> list[ResolvedAdapter]:
+    out: list[ResolvedAdapter] = []
+    registry = None
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            out.append(ResolvedAdapter(arg, load_adapter(path), str(path), None))
+            continue
+        if registry is None:
+            registry = _open_registry(home)
+        version = registry.resolve(arg)
+        mismatches = registry.check_base(version.ref, base_dir)
+        if mismatches and not allow_base_mismatch:
+            raise MergeError(f"{version.ref} was pushed for another base than {base_dir}: {mismatches[0]} "
+                             "(use --allow-base-mismatch to merge anyway)")
+        folder = registry.materialize(version.ref)
+        out.append(ResolvedAdapter(arg, load_adapter(folder, label=version.ref), version.ref, version))
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("adapter-registry", "torch", "safetensors", "transformers", "onnx", "onnxruntime-gpu",
+                "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def register_output(home: Path | None, kind: str, out_dir: Path, base_dir: Path,
+                    resolved: list[ResolvedAdapter], weights: list[float], dtype: str, accumulate: str,
+                    summary: dict[str, Any]) -> dict[str, Any]:
+    """Record the output as an artifact whose lineage points at every input version."""
+    from mora_core.merge import open_base
+
+    base = open_base(base_dir)
+    cfg = base.config()
+    recipe = {
+        "kind": kind,
+        "base": {
+            "path": str(Path(base_dir).resolve()),
+            "model_type": cfg.get("model_type"),
+            "architectures": cfg.get("architectures"),
+            "name_or_path": cfg.get("_name_or_path"),
+            "files": {f.path.name: sha256_file(f.path) for f in base.files},
+        },
+        "adapters": [{**r.describe(w), "folder_digest": _folder_digest(r.adapter)} for r, w in zip(resolved, weights)],
+        "dtype": dtype,
+        "accumulate": accumulate,
+        "tools": tool_versions(),
+    }
+    for key in ("opset", "untied", "export"):
+        if key in summary:
+            recipe[key] = summary[key]
+    inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]
+    registry = _open_registry(home)
+    info = registry.register_artifact(kind=kind, path=out_dir, recipe=recipe, inputs=inputs,
+                                      report=summary.get("validation"))
+    return info.to_dict()
+
+
+def _folder_digest(adapter: Adapter) -> str | None:
+    if adapter.path is None:
+        return None
+    p = Path(adapter.path) / "adapter_model.safetensors"
+    return "sha256:" + sha256_file(p) if p.is_file() else None
