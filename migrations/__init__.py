@@ -1,1 +1,1 @@
-"""Alembic migrations for the registry schema."""
+"""Alembic environment and versions for the registry schema (see registry.db.upgrade)."""

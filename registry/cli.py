@@ -13,7 +13,19 @@ import click
 
 # command name -> "module:attribute". Kept sorted for `adapters --help`.
 COMMANDS: dict[str, str] = {
+    "audit": "registry.commands:audit",
+    "db": "registry.commands:db",
+    "gc": "registry.commands:gc",
+    "lineage": "registry.commands:lineage",
+    "list": "registry.commands:list_",
     "merge": "exporters.cli_merge:merge",
+    "pull": "registry.commands:pull",
+    "push": "registry.commands:push",
+    "rm": "registry.commands:rm",
+    "show": "registry.commands:show",
+    "tag": "registry.commands:tag",
+    "untag": "registry.commands:untag",
+    "verify": "registry.commands:verify",
 }
 
 

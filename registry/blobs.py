@@ -1,0 +1,247 @@
+"""The content-addressed blob directory.
+
+Layout under the root: `sha256/<2 hex>/<64 hex>` for blobs (read-only files) and
+`tmp/` for writes in flight. A blob is written once: copied into a temp file while
+being hashed (one read of the source; hashing and writing overlap in two threads),
+fsynced, then renamed to its digest's path, and the directory fsynced. Every read
+re-hashes and refuses bytes that do not match their name.
+
+Each temp file is held under an exclusive `flock` by its writer for its whole life,
+so `gc` can tell leftovers of a killed writer (lock free) from a write in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.errors import IntegrityError, RegistryError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
+
+CHUNK = 8 * 1024 * 1024
+Progress = Callable[[int], None]  # called with the number of bytes just processed
+
+
+def sha256_name(hexdigest: str) -> str:
+    return "sha256:" + hexdigest
+
+
+def hex_of(digest: str) -> str:
+    if not digest.startswith("sha256:") or len(digest) != 71:
+        raise RegistryError(f"malformed digest {digest!r}")
+    return digest[7:]
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(dst, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        done += dst.write(view[done:])
+
+
+def _pump(src, dst, progress: Progress | None) -> tuple[str, int]:
+    """Copy src -> dst (dst may be None: hash only), hashing each chunk while it is written."""
+    h = hashlib.sha256()
+    bufs = [bytearray(CHUNK), bytearray(CHUNK)]
+    total = 0
+    i = 0
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        while True:
+            buf = bufs[i % 2]
+            n = src.readinto(buf)
+            if pending is not None:
+                pending.result()  # the previous chunk's hash is done: its buffer is free again
+                pending = None
+            if not n:
+                break
+            view = memoryview(buf)[:n]
+            if dst is None:
+                h.update(view)
+            else:
+                pending = pool.submit(h.update, view)  # hashlib releases the GIL on big buffers
+                _write_all(dst, view)
+            total += n
+            i += 1
+            if progress:
+                progress(n)
+        if pending is not None:
+            pending.result()
+    return sha256_name(h.hexdigest()), total
+
+
+def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
+    """(digest, size) of a file, one sequential read."""
+    with open(path, "rb", buffering=0) as fh:
+        return _pump(fh, None, progress)
+
+
+@dataclass
+class Staged:
+    """A source file hashed and (unless `tmp` is None) copied into a locked temp file."""
+
+    source: Path
+    digest: str
+    size: int
+    tmp: Path | None = None
+    fd: int | None = None
+
+
+class BlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.objects = self.root / "sha256"
+        self.tmpdir = self.root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ addressing
+    def path(self, digest: str) -> Path:
+        h = hex_of(digest)
+        return self.objects / h[:2] / h
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    # ------------------------------------------------------------------ writing
+    def _new_tmp(self) -> tuple[Path, int]:
+        tmp = self.tmpdir / f"{os.getpid()}-{secrets.token_hex(8)}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return tmp, fd
+
+    def stage(self, source: Path, progress: Progress | None = None) -> Staged:
+        """Copy `source` into a locked temp file while hashing it (not yet fsynced or visible)."""
+        tmp, fd = self._new_tmp()
+        try:
+            with open(source, "rb", buffering=0) as src, os.fdopen(os.dup(fd), "wb", buffering=0) as dst:
+                digest, size = _pump(src, dst, progress)
+        except BaseException:
+            self._drop(tmp, fd)
+            raise
+        return Staged(source, digest, size, tmp, fd)
+
+    def stage_hash_only(self, source: Path, progress: Progress | None = None) -> Staged:
+        """Hash `source` without copying (for content the store probably holds already)."""
+        digest, size = hash_file(source, progress)
+        return Staged(source, digest, size)
+
+    def make_durable(self, staged: Staged) -> None:
+        """fsync a staged temp file (done before the database transaction, outside its lock)."""
+        if staged.fd is not None:
+            os.fsync(staged.fd)
+
+    def publish(self, staged: Staged) -> bool:
+        """Rename a durable temp file to its digest path. Returns True if a new blob appeared.
+
+        If the blob already exists, the temp file is dropped (content addressing: same bytes).
+        """
+        final = self.path(staged.digest)
+        if final.is_file():
+            self.discard(staged)
+            return False
+        if staged.tmp is None:
+            raise RegistryError(f"{staged.source}: content {staged.digest} is not in the store")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(staged.tmp, 0o444)
+        os.replace(staged.tmp, final)
+        fsync_dir(final.parent)
+        self._release(staged)
+        return True
+
+    def discard(self, staged: Staged) -> None:
+        if staged.tmp is not None:
+            self._drop(staged.tmp, staged.fd)
+            staged.tmp = None
+            staged.fd = None
+
+    def _release(self, staged: Staged) -> None:
+        if staged.fd is not None:
+            os.close(staged.fd)
+        staged.fd = None
+        staged.tmp = None
+
+    @staticmethod
+    def _drop(tmp: Path, fd: int | None) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # ------------------------------------------------------------------ reading
+    def copy_verified(self, digest: str, dest: Path, progress: Progress | None = None) -> int:
+        """Copy blob `digest` to `dest` (created), hashing while copying; raise if altered."""
+        src_path = self.path(digest)
+        try:
+            src = open(src_path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise IntegrityError(f"blob {digest} is missing from {self.objects}") from None
+        with src, open(dest, "wb", buffering=0) as dst:
+            got, size = _pump(src, dst, progress)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if got != digest:
+            dest.unlink()
+            raise IntegrityError(f"blob {digest} is corrupt (its bytes hash to {got})")
+        return size
+
+    def check(self, digest: str, progress: Progress | None = None) -> str | None:
+        """None if blob `digest` is present and intact, else a one-line problem."""
+        p = self.path(digest)
+        if not p.is_file():
+            return f"blob {digest} is missing"
+        got, _ = hash_file(p, progress)
+        if got != digest:
+            return f"blob {digest} is altered (its bytes hash to {got})"
+        return None
+
+    # ------------------------------------------------------------------ scanning
+    def iter_digests(self) -> Iterator[tuple[str, int]]:
+        """Every blob file on disk as (digest, size)."""
+        for sub in sorted(self.objects.iterdir()):
+            if not sub.is_dir():
+                continue
+            for f in sorted(sub.iterdir()):
+                if len(f.name) == 64:
+                    yield sha256_name(f.name), f.stat().st_size
+
+    def leftovers(self) -> Iterator[tuple[Path, int]]:
+        """Temp files whose writer is gone (their lock is free): (path, size)."""
+        for f in sorted(self.tmpdir.iterdir()):
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                yield f, os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+
+    def remove(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()

@@ -1,0 +1,76 @@
+"""What a push reads from disk: the adapter folder's files, its spec, the base weights.
+
+The spec comes from `mora_core.adapter.load_adapter` (which validates everything that
+can be checked without the base model). It imports torch, so it is imported here
+lazily, only on the push path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from registry.blobs import hash_file
+from registry.errors import RegistryError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+BASE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data")
+MAX_FILES = 64
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    """The regular files at the top of an adapter folder, sorted; pickles are refused."""
+    if not folder.is_dir():
+        raise RegistryError(f"{folder}: not an adapter folder (no such directory)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for p in files:
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise RegistryError(f"{p}: pickle checkpoints are refused (they can run code); "
+                                "convert it to adapter_model.safetensors first")
+        if p.is_symlink():
+            raise RegistryError(f"{p}: symbolic links are not pushed; copy the file into the folder")
+    names = {p.name for p in files}
+    if "adapter_config.json" not in names:
+        raise RegistryError(f"{folder / 'adapter_config.json'}: not found "
+                            "(an adapter folder needs adapter_config.json)")
+    if "adapter_model.safetensors" not in names:
+        raise RegistryError(f"{folder / 'adapter_model.safetensors'}: not found")
+    if len(files) > MAX_FILES:
+        raise RegistryError(f"{folder}: {len(files)} files; an adapter folder holds at most {MAX_FILES}")
+    return files
+
+
+def inspect_adapter(folder: Path) -> dict[str, Any]:
+    """Validate the folder with mora_core and return its spec summary (kind, r, modules...)."""
+    from mora_core.adapter import load_adapter
+    from mora_core.errors import MoraCoreError
+
+    try:
+        adapter = load_adapter(folder)
+    except MoraCoreError as exc:
+        raise RegistryError(str(exc)) from None
+    return adapter.summary()
+
+
+def hash_base(base_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256 digest} for each weight file at the top of a base model folder."""
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise RegistryError(f"{base}: base model folder not found")
+    files = sorted(p for p in base.iterdir() if p.is_file() and p.name.endswith(BASE_WEIGHT_SUFFIXES))
+    if not files:
+        raise RegistryError(f"{base}: no weight files ({', '.join('*' + s for s in BASE_WEIGHT_SUFFIXES[:2])}) found")
+    return {p.name: hash_file(p)[0] for p in files}
+
+
+def compare_base(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """Human-readable differences between two {file: digest} maps (empty = same base)."""
+    out = []
+    for f in sorted(set(recorded) | set(current)):
+        if f not in current:
+            out.append(f"{f}: recorded at push but absent from the given base")
+        elif f not in recorded:
+            out.append(f"{f}: present in the given base but not recorded at push")
+        elif recorded[f] != current[f]:
+            out.append(f"{f}: digest {current[f][:19]}... differs from {recorded[f][:19]}... recorded at push")
+    return out

@@ -1,0 +1,158 @@
+"""The registry schema as SQLAlchemy 2.x models.
+
+The database schema is created and changed only by the alembic migrations in
+`migrations/`; a test checks that these models and the migrations agree. JSON
+documents are stored as canonical text (sorted keys) so that SQLite and PostgreSQL
+round-trip them byte for byte and digests over them stay reproducible.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+DIGEST = String(71)  # "sha256:" + 64 hex
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class State(Base):
+    """One row (id=1): the audit chain's head. Write transactions lock it (serialises writers)."""
+
+    __tablename__ = "registry_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    audit_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    audit_head: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class Name(Base):
+    __tablename__ = "names"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    latest: Mapped[int] = mapped_column(Integer, nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class Blob(Base):
+    __tablename__ = "blobs"
+    digest: Mapped[str] = mapped_column(DIGEST, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    __table_args__ = (Index("ix_blobs_size", "size"),)
+
+
+class Version(Base):
+    """An immutable adapter version `name:number`; `digest` covers its files only."""
+
+    __tablename__ = "versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name_id: Mapped[int] = mapped_column(ForeignKey("names.id"), nullable=False)
+    number: Mapped[int] = mapped_column(Integer, nullable=False)
+    digest: Mapped[str] = mapped_column(DIGEST, nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    r: Mapped[int | None] = mapped_column(Integer)
+    mora_type: Mapped[int | None] = mapped_column(Integer)
+    spec: Mapped[str] = mapped_column(Text, nullable=False)
+    base_model: Mapped[str | None] = mapped_column(String(300))
+    base_revision: Mapped[str | None] = mapped_column(String(200))
+    base_files: Mapped[str | None] = mapped_column(Text)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    meta: Mapped[str] = mapped_column(Text, nullable=False)
+    author: Mapped[str] = mapped_column(String(200), nullable=False)
+    message: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    __table_args__ = (
+        UniqueConstraint("name_id", "number", name="uq_versions_name_number"),
+        UniqueConstraint("name_id", "digest", name="uq_versions_name_digest"),
+        Index("ix_versions_digest", "digest"),
+        Index("ix_versions_parent", "parent_id"),
+        Index("ix_versions_base_model", "base_model", "id"),
+    )
+
+
+class VersionFile(Base):
+    __tablename__ = "version_files"
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(300), primary_key=True)
+    blob: Mapped[str] = mapped_column(DIGEST, ForeignKey("blobs.digest"), nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    __table_args__ = (Index("ix_version_files_blob", "blob"),)
+
+
+class VersionMeta(Base):
+    """`--meta key=value` pairs, one row each, so `list --where k=v` is an index lookup."""
+
+    __tablename__ = "version_meta"
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(String(500), nullable=False)
+    __table_args__ = (Index("ix_version_meta_kv", "key", "value", "version_id"),)
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+    name_id: Mapped[int] = mapped_column(ForeignKey("names.id"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), nullable=False)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    __table_args__ = (Index("ix_aliases_version", "version_id"),)
+
+
+class Artifact(Base):
+    """A merged output recorded in place (not copied): its files' digests, recipe and report."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(DIGEST, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    files: Mapped[str] = mapped_column(Text, nullable=False)
+    recipe: Mapped[str] = mapped_column(Text, nullable=False)
+    report: Mapped[str | None] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(200), nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    __table_args__ = (Index("ix_artifacts_digest", "digest"),)
+
+
+class ArtifactInput(Base):
+    """Lineage edge version -> artifact, with the merge weight."""
+
+    __tablename__ = "artifact_inputs"
+    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id"), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    weight: Mapped[float] = mapped_column(Float, nullable=False)
+    __table_args__ = (Index("ix_artifact_inputs_version", "version_id"),)
+
+
+class AuditEvent(Base):
+    """Append-only; `hash = sha256(prev_hash + canonical event)`, see `registry.audit`."""
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[str] = mapped_column(String(40), nullable=False)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    subject: Mapped[str] = mapped_column(String(300), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(200))
+    details: Mapped[str] = mapped_column(Text, nullable=False)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    __table_args__ = (
+        Index("ix_audit_name", "name", "seq"),
+        Index("ix_audit_subject", "subject", "seq"),
+    )

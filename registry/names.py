@@ -1,0 +1,105 @@
+"""Adapter names and references: parsing and validation, no database.
+
+Names are path-like (`team/llama-mora`) but must never escape the store or be
+ambiguous in a reference, so: lowercase letters, digits and `-_./`, no `..`, no
+leading or trailing `/`, no `//`. A reference is one of
+
+    name            the latest version of `name`
+    name:N          version N
+    name@alias      the version an alias points at
+    name@sha256:P   the version whose digest starts with P (at least 12 hex digits)
+    artifact:ID  /  artifact@sha256:P   a registered merge output
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from registry.errors import RegistryError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+HEX_RE = re.compile(r"^[0-9a-f]+$")
+MIN_PREFIX = 12
+MAX_NAME = 200
+ARTIFACT = "artifact"  # reserved: artifact references start with it
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a valid adapter name, else raise `RegistryError`."""
+    if not isinstance(name, str) or not name:
+        raise RegistryError("adapter name is empty")
+    if len(name) > MAX_NAME:
+        raise RegistryError(f"adapter name {name[:40]!r}...: longer than {MAX_NAME} characters")
+    if name.startswith("/") or ".." in name or "//" in name or name.endswith("/"):
+        raise RegistryError(f"adapter name {name!r}: no leading/trailing '/', '//' or '..' allowed")
+    if not NAME_RE.match(name):
+        raise RegistryError(f"adapter name {name!r}: use lowercase letters, digits and -_./ only")
+    if name == ARTIFACT or name.startswith(ARTIFACT + "/"):
+        raise RegistryError(f"adapter name {name!r}: '{ARTIFACT}' is reserved for merge outputs")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    """Return `alias` if valid (like a name segment, and not all digits nor `sha256`)."""
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias) or len(alias) > 100:
+        raise RegistryError(f"alias {alias!r}: use lowercase letters, digits and -_. only")
+    if alias == "sha256" or alias.startswith("sha256:"):
+        raise RegistryError(f"alias {alias!r}: reserved")
+    return alias
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference. Exactly one of number/alias/digest_prefix is set, or none (latest)."""
+
+    name: str
+    number: int | None = None
+    alias: str | None = None
+    digest_prefix: str | None = None
+    artifact_id: int | None = None
+
+    @property
+    def is_artifact(self) -> bool:
+        return self.name == ARTIFACT
+
+
+def _check_prefix(text: str, prefix: str) -> str:
+    p = prefix.lower()
+    if not HEX_RE.match(p) or len(p) > 64:
+        raise RegistryError(f"reference {text!r}: digest must be hex")
+    if len(p) < MIN_PREFIX:
+        raise RegistryError(f"reference {text!r}: digest prefix needs at least {MIN_PREFIX} hex digits")
+    return p
+
+
+def parse_ref(text: str) -> Ref:
+    """Parse a reference string; raises `RegistryError` naming the input when malformed."""
+    if not isinstance(text, str) or not text.strip():
+        raise RegistryError("empty reference")
+    text = text.strip()
+    if text.startswith(ARTIFACT + ":") or text.startswith(ARTIFACT + "@"):
+        rest = text[len(ARTIFACT) + 1:]
+        if text[len(ARTIFACT)] == ":":
+            if not rest.isdigit():
+                raise RegistryError(f"reference {text!r}: artifact id must be a number")
+            return Ref(ARTIFACT, artifact_id=int(rest))
+        if not rest.startswith("sha256:"):
+            raise RegistryError(f"reference {text!r}: use artifact:ID or artifact@sha256:PREFIX")
+        return Ref(ARTIFACT, digest_prefix=_check_prefix(text, rest[7:]))
+    if "@" in text:
+        name, _, tail = text.partition("@")
+        check_name(name)
+        if tail.startswith("sha256:"):
+            return Ref(name, digest_prefix=_check_prefix(text, tail[7:]))
+        if not ALIAS_RE.match(tail):
+            raise RegistryError(f"reference {text!r}: bad alias {tail!r}")
+        return Ref(name, alias=tail)
+    if ":" in text:
+        name, _, num = text.rpartition(":")
+        check_name(name)
+        if not num.isdigit() or int(num) < 1:
+            raise RegistryError(f"reference {text!r}: version must be a positive number")
+        return Ref(name, number=int(num))
+    return Ref(check_name(text))
