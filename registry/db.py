@@ -115,9 +115,9 @@ def upgrade(engine: Engine, lock_path: Path | None = None) -> str | None:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(7310442)"))
-                before = conn.execute(text(
-                    "SELECT CASE WHEN to_regclass('alembic_version') IS NULL THEN NULL "
-                    "ELSE (SELECT version_num FROM alembic_version LIMIT 1) END")).scalar()
+                before = None
+                if conn.execute(text("SELECT to_regclass('alembic_version')")).scalar() is not None:
+                    before = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
                 if before == SCHEMA_HEAD:
                     return before
             command.upgrade(alembic_config(conn), "head")

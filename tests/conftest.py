@@ -1,0 +1,215 @@
+"""Shared fixtures. No torch import at module level (registry tests must not need it).
+
+- `pg_server` (session): a real PostgreSQL server started on 127.0.0.1 from the Debian
+  binaries (as the `postgres` user when running as root); skipped with a reason if absent.
+- `db_url` (parametrised "sqlite" / "postgresql"): None for the embedded SQLite default,
+  else the URL of a fresh, already-migrated PostgreSQL database for this test.
+- `registry_home`, `reg`: a fresh home and a `Registry` opened on it with `db_url`.
+- `make_adapter`: writes real LoRA/MoRA adapter folders (safetensors + adapter_config.json).
+- `run_cli`: runs `adapters ...` in-process against the test's store.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+_counter = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.getuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """Base URL (no database) of a throwaway PostgreSQL server, with a migrated template db."""
+    if not _PG_BINS:
+        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
+                    "(install the Debian 'postgresql' package; CI does)")
+    bindir = Path(_PG_BINS[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="adapters-pg-"))
+    data = root / "data"
+    if os.getuid() == 0:
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+    port = _free_port()
+    try:
+        subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                                     "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
+                                     "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                                     "-c max_connections=200", "start"]), check=True, capture_output=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')[-500:]}")
+    base = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    try:
+        _admin(base, "CREATE DATABASE reg_template")
+        from registry.db import make_engine, upgrade
+
+        eng = make_engine(base + "/reg_template")
+        upgrade(eng)
+        eng.dispose()
+        yield base
+    finally:
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _admin(base: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(base.replace("postgresql+psycopg://", "postgresql://") + "/postgres",
+                         autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def fresh_pg_database(base: str) -> str:
+    """A new database cloned from the migrated template; returns its URL."""
+    name = f"t_{os.getpid()}_{next(_counter)}_{int(time.time() * 1000) % 100000}"
+    _admin(base, f"CREATE DATABASE {name} TEMPLATE reg_template")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request) -> str | None:
+    """None (embedded SQLite in the home) or a fresh migrated PostgreSQL database URL."""
+    if request.param == "sqlite":
+        return None
+    return fresh_pg_database(request.getfixturevalue("pg_server"))
+
+
+@pytest.fixture
+def registry_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    return home
+
+
+@pytest.fixture
+def reg(registry_home: Path, db_url: str | None):
+    from registry.api import Registry
+
+    r = Registry.open(home=registry_home, db_url=db_url)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def store_env(registry_home: Path, db_url: str | None) -> dict[str, str]:
+    """Environment for `adapters` subprocesses pointing at the test's store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERS_")}
+    env["ADAPTERS_HOME"] = str(registry_home)
+    if db_url:
+        env["ADAPTERS_DB_URL"] = db_url
+    return env
+
+
+# ----------------------------------------------------------------------------- adapters on disk
+
+
+def write_adapter(folder: Path, *, kind: str = "lora", r: int = 4, seed: int = 0, modules: int = 2,
+                  dim: int = 16, mora_type: int = 1, scale: float = 0.1) -> Path:
+    """A real PEFT adapter folder: LoRA (A [r,in], B [out,r]) or MoRA (two identical r_hat^2 copies)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(modules):
+        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        if kind == "mora":
+            rh = int(math.sqrt((dim + dim) * r) + 0.5)
+            if mora_type == 6:
+                rh -= rh % 2
+            m = (rng.standard_normal((rh, rh)) * scale).astype(np.float32)
+            tensors[f"{prefix}.lora_A.weight"] = m
+            tensors[f"{prefix}.lora_B.weight"] = m.copy()
+        else:
+            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((r, dim)) * scale).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((dim, r)) * scale).astype(np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"],
+           "task_type": "CAUSAL_LM", "base_model_name_or_path": None}
+    if kind == "mora":
+        cfg.update(use_mora=True, mora_type=mora_type)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path):
+    """make_adapter(name="a", **write_adapter kwargs) -> folder under tmp_path."""
+
+    def make(name: str = "a", **kw) -> Path:
+        return write_adapter(tmp_path / "src" / name, **kw)
+
+    return make
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def run_cli(store_env: dict[str, str], monkeypatch):
+    """run_cli("list", "--json") -> CliResult, in-process, against the test's store."""
+    from click.testing import CliRunner
+
+    from registry.cli import cli
+
+    def run(*args: str) -> CliResult:
+        runner = CliRunner()
+        env = {k: None for k in os.environ if k.startswith("ADAPTERS_")}
+        env.update({k: v for k, v in store_env.items() if k.startswith("ADAPTERS_")})
+        res = runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+        return CliResult(res.exit_code, res.stdout, res.stderr)
+
+    return run
+
+
+def store_snapshot(home: Path, reg) -> tuple:
+    """Everything a failed command must leave unchanged: blob files, temp files, rows, audit head."""
+    from sqlalchemy import func, select
+
+    from registry import models
+
+    files = sorted(str(p.relative_to(home)) for p in (home / "blobs").rglob("*") if p.is_file())
+    with reg._read() as s:
+        counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in
+                       (models.Version, models.VersionFile, models.Blob, models.Alias, models.AuditEvent,
+                        models.Name, models.Artifact))
+        head = s.get(models.State, 1).audit_head
+    return files, counts, head
