@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import audit as audit_log
@@ -650,17 +650,15 @@ class Registry:
                     stmt = stmt.where(AuditEvent.name == r.name)
                 else:
                     v = self._row(s, r)
+                    label = f"{r.name}:{v.number}"
+                    quoted = json.dumps(label).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
                     stmt = stmt.where(AuditEvent.name == r.name,
-                                      AuditEvent.subject.in_([f"{r.name}:{v.number}"] +
-                                                             [f"{r.name}@{a}" for a in self._aliases_of(s, v)]))
+                                      or_(AuditEvent.subject == label,
+                                          AuditEvent.details.like(f"%{quoted}%", escape="\\")))
             if limit:
                 stmt = stmt.order_by(AuditEvent.seq.desc()).limit(limit)
                 return [audit_log.event_dict(e) for e in reversed(s.scalars(stmt).all())]
             return [audit_log.event_dict(e) for e in s.scalars(stmt.order_by(AuditEvent.seq))]
-
-    @staticmethod
-    def _aliases_of(s: Session, v: Version) -> list[str]:
-        return list(s.scalars(select(Alias.alias).where(Alias.version_id == v.id)))
 
     # ------------------------------------------------------------------ verify / gc
     def verify(self, progress: Progress | None = None) -> VerifyReport:
