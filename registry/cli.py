@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "pull": "registry.commands:pull",
     "push": "registry.commands:push",
     "rm": "registry.commands:rm",
+    "run": "exporters.run_cmd:run",
     "show": "registry.commands:show",
     "tag": "registry.commands:tag",
     "untag": "registry.commands:untag",

@@ -1,0 +1,144 @@
+"""`adapters run OUT --ids 1,2,3 | --text "..."`: proof that an exported graph serves.
+
+Loads `OUT/model.onnx` in ONNX Runtime (no torch), feeds one sequence and prints the
+next-token prediction (causal LMs) or a summary of the mean-pooled embedding (encoders),
+with the provider that really ran. `--text` needs the tokenizer files that the export
+copied from the base folder; `--ids` needs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from exporters.cli_common import UserError, run_guarded
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path), metavar="OUT")
+@click.option("--text", default=None, help="Input text (needs the tokenizer files in OUT).")
+@click.option("--ids", default=None, help="Input token ids, comma separated (e.g. 1,2,3).")
+@click.option("--provider", default="auto", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              help="ONNX Runtime execution provider.")
+@click.option("--top-k", default=5, type=click.IntRange(1, 100), help="Candidates shown for the next token.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def run(model: Path, text: str | None, ids: str | None, provider: str, top_k: int, as_json: bool) -> None:
+    """Run the ONNX export in OUT on one input: next token (LM) or embedding summary (encoder).
+
+    \b
+    Examples:
+      adapters run ./merged-onnx --ids 1,15043,3186
+      adapters run ./merged-onnx --text "The capital of France is" --json
+    """
+    run_guarded(lambda: _run(model, text, ids, provider, top_k, as_json))
+
+
+def _graph_path(model: Path) -> tuple[Path, dict[str, Any]]:
+    from exporters.onnx_export import GRAPH_NAME, RECIPE_NAME
+
+    if model.is_file() and model.suffix == ".onnx":
+        return model, {}
+    graph = model / GRAPH_NAME
+    if not graph.is_file():
+        raise UserError(f"{model}: no {GRAPH_NAME} here (give an `adapters merge --to onnx` output folder)")
+    recipe_path = model / RECIPE_NAME
+    recipe: dict[str, Any] = {}
+    if recipe_path.is_file():
+        try:
+            recipe = json.loads(recipe_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{recipe_path}: not valid JSON") from None
+    return graph, recipe
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UserError(f"--ids {text!r}: expected comma-separated integers like 1,2,3") from None
+    if not out or any(i < 0 for i in out):
+        raise UserError(f"--ids {text!r}: give at least one non-negative token id")
+    return out
+
+
+def _tokenizer(folder: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception:
+        return None
+
+
+def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: int, as_json: bool) -> None:
+    import numpy as np
+
+    if (text is None) == (ids is None):
+        raise UserError("give exactly one of --text or --ids")
+    graph, recipe = _graph_path(model)
+    folder = graph.parent
+    tok = _tokenizer(folder) if text is not None or (folder / "tokenizer_config.json").is_file() else None
+    if text is not None:
+        if tok is None:
+            raise UserError(f"{folder}: no tokenizer files to encode --text; use --ids")
+        token_ids = list(tok(text)["input_ids"])
+        if not token_ids:
+            raise UserError("--text encodes to no tokens")
+    else:
+        token_ids = _parse_ids(ids or "")
+
+    from exporters.providers import choose_provider, open_session, really_used
+
+    chosen = choose_provider(provider)
+    try:
+        session = open_session(graph, chosen)
+    except Exception as exc:
+        raise UserError(f"{graph}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+    used, _ = really_used(session)
+    names = [i.name for i in session.get_inputs()]
+    if set(names) != {"input_ids", "attention_mask"}:
+        raise UserError(f"{graph}: inputs are {names}, expected input_ids and attention_mask")
+    out_meta = session.get_outputs()[0]
+    vocab = out_meta.shape[-1] if out_meta.name == "logits" and isinstance(out_meta.shape[-1], int) else None
+    if vocab is not None and max(token_ids) >= vocab:
+        raise UserError(f"--ids: token id {max(token_ids)} is outside the vocabulary (size {vocab})")
+    feed = {"input_ids": np.asarray([token_ids], dtype=np.int64),
+            "attention_mask": np.ones((1, len(token_ids)), dtype=np.int64)}
+    try:
+        (out,) = session.run([out_meta.name], feed)
+    except Exception as exc:
+        raise UserError(f"{graph}: inference failed on {len(token_ids)} tokens "
+                        f"({str(exc).splitlines()[0][:160]})") from None
+    out = out.astype(np.float64)
+    summary: dict[str, Any] = {"model": str(graph), "provider": used, "requested_provider": provider,
+                               "input_ids": token_ids, "output": out_meta.name, "task": recipe.get("task")}
+    if out_meta.name == "logits":
+        last = out[0, -1]
+        probs = np.exp(last - last.max())
+        probs /= probs.sum()
+        order = np.argsort(-last)[:top_k]
+        summary["next_token"] = [
+            {"id": int(i), "logit": float(last[i]), "prob": float(probs[i]),
+             **({"token": tok.decode([int(i)])} if tok is not None else {})} for i in order]
+    else:
+        pooled = out[0].mean(axis=0)
+        summary["embedding"] = {"shape": list(out.shape), "dim": int(pooled.shape[0]),
+                                "mean_pooled_norm": float(np.linalg.norm(pooled)),
+                                "first": [round(float(v), 6) for v in pooled[:4]]}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"provider  {used}")
+    click.echo(f"input     {len(token_ids)} tokens")
+    if "next_token" in summary:
+        for rank, cand in enumerate(summary["next_token"], 1):
+            shown = f"  {cand['token']!r}" if "token" in cand else ""
+            click.echo(f"{'next' if rank == 1 else '':<8}  {cand['id']:>6}  p={cand['prob']:.4f}  "
+                       f"logit={cand['logit']:.4f}{shown}")
+    else:
+        e = summary["embedding"]
+        click.echo(f"embedding dim {e['dim']}, mean-pooled norm {e['mean_pooled_norm']:.4f}, "
+                   f"first {e['first']}")
