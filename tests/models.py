@@ -123,3 +123,16 @@ def write_lora_adapter(folder: Path, base_dir: Path, kind: str, target_modules: 
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(str(folder))
     return folder
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer over the tiny vocabulary (`w0` .. `w94`, `[UNK]` = 95)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
+    vocab["[UNK]"] = VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
+    return folder

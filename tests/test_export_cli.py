@@ -1,0 +1,230 @@
+"""`adapters merge --to onnx`, `adapters run`, and the artifact's lineage, through the CLI.
+
+The first merge runs as a real subprocess (its --json stdout must parse: no ONNX Runtime
+or exporter noise); the others run in-process with click's runner, which also lets one
+test break the merge on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.models import (
+    linear_shapes,
+    write_base,
+    write_lora_adapter,
+    write_mora_adapter,
+    write_tokenizer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def adapters_subprocess(*args, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERS_")}
+    env["ADAPTERS_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "registry.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        return json.loads(self.out)
+
+
+def adapters(*args, home: Path) -> Result:
+    """In-process `adapters ...` against the store at `home`."""
+    from click.testing import CliRunner
+
+    from registry.cli import cli
+
+    env = {k: None for k in os.environ if k.startswith("ADAPTERS_")}
+    env["ADAPTERS_HOME"] = str(home)
+    res = CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+    return Result(res.exit_code, res.stdout, res.stderr)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    base = write_base(root / "base", "llama")
+    write_tokenizer(base)
+    bert = write_base(root / "bert", "bert")
+    return {
+        "root": root,
+        "base": base,
+        "bert": bert,
+        "mora1": write_mora_adapter(root / "mora1", linear_shapes("llama"), mora_type=1),
+        "mora6": write_mora_adapter(root / "mora6", linear_shapes("llama"), mora_type=6, r=4, seed=7),
+        "lora": write_lora_adapter(root / "lora", base, "llama", ["q_proj", "v_proj"]),
+        "bert_mora": write_mora_adapter(root / "bert-mora", linear_shapes("bert"), mora_type=6),
+    }
+
+
+@pytest.fixture(scope="module")
+def merged(files):
+    """`adapters merge mora1 lora --weight 1 --weight 0.5 --to onnx --no-register --json`, a subprocess."""
+    out = files["root"] / "merged"
+    p = adapters_subprocess("merge", files["mora1"], files["lora"], "--weight", "1", "--weight", "0.5",
+                            "--base", files["base"], "--to", "onnx", "-o", out, "--no-register", "--json",
+                            home=files["root"] / "home-noreg")
+    assert p.returncode == 0, p.stderr
+    return out, json.loads(p.stdout)
+
+
+def _reference_next_token(files, ids: list[int]) -> int:
+    """Next token from PyTorch: the base with both adapters applied unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    from mora_core.adapter import load_adapter
+    from mora_core.forward import apply_unmerged
+
+    model = AutoModelForCausalLM.from_pretrained(str(files["base"]), attn_implementation="eager").eval()
+    with apply_unmerged(model, [load_adapter(files["mora1"]), load_adapter(files["lora"])], [1.0, 0.5]), \
+            torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+    return int(logits[0, -1].argmax())
+
+
+def test_merge_to_onnx_json_summary(merged, files):
+    out, s = merged
+    assert s["to"] == "onnx" and Path(s["output"]) == out
+    v = s["validation"]
+    assert v["passed"] and v["provider"] == "cpu" and v["requested_provider"] == "auto"
+    assert v["max_abs_diff"] <= v["atol"] and "unmerged_pytorch" in v["comparisons"]
+    assert [a["weight"] for a in s["adapters"]] == [1.0, 0.5]
+    assert "artifact" not in s
+    assert {"model.onnx", "export.json", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_run_prints_the_next_token_of_the_merged_model(merged, files):
+    out, _ = merged
+    ids = [3, 14, 15, 92, 65]
+    r = adapters("run", out, "--ids", ",".join(map(str, ids)), "--json", home=files["root"] / "h")
+    assert r.code == 0, r.err
+    s = r.json()
+    assert s["provider"] == "cpu" and s["output"] == "logits"
+    assert s["next_token"][0]["id"] == _reference_next_token(files, ids)
+    assert abs(sum(c["prob"] for c in s["next_token"])) <= 1.0 and len(s["next_token"]) == 5
+
+
+def test_run_with_text_uses_the_copied_tokenizer(merged, files):
+    out, _ = merged
+    r = adapters("run", out, "--text", "w3 w14 w15", home=files["root"] / "h")
+    assert r.code == 0, r.err
+    assert "provider  cpu" in r.out and "input     3 tokens" in r.out
+    assert "'w" in r.out  # decoded candidates
+
+
+def test_run_on_an_encoder_prints_an_embedding_summary(files):
+    out = files["root"] / "bert-out"
+    r = adapters("merge", files["bert_mora"], "--base", files["bert"], "--to", "onnx", "-o", out,
+                 "--no-register", "--json", home=files["root"] / "h")
+    assert r.code == 0, r.err
+    r = adapters("run", out, "--ids", "1,2,3,4", "--json", home=files["root"] / "h")
+    assert r.code == 0, r.err
+    e = r.json()["embedding"]
+    assert e["dim"] == 32 and e["shape"] == [1, 4, 32] and e["mean_pooled_norm"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ids", "1,200"], "outside the vocabulary"),
+    (["--ids", "1,a"], "comma-separated integers"),
+    ([], "exactly one of --text or --ids"),
+])
+def test_run_bad_input_is_one_line(merged, files, args, message):
+    out, _ = merged
+    r = adapters("run", out, *args, home=files["root"] / "h")
+    assert r.code == 2 and message in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err
+
+
+def test_run_on_a_folder_without_graph(files):
+    r = adapters("run", files["base"], "--ids", "1", home=files["root"] / "h")
+    assert r.code == 2 and "no model.onnx" in r.err
+
+
+def test_wrong_merge_exits_1_keeps_nothing_registers_nothing(files, monkeypatch):
+    import exporters.onnx_export as ox
+
+    home = files["root"] / "home-wrong"
+    for name, folder in (("t/mora", files["mora1"]), ("t/lora", files["lora"])):
+        assert adapters("push", folder, "--name", name, "--base", files["base"], home=home).code == 0
+    real = ox.merge_state_dict
+    monkeypatch.setattr(ox, "merge_state_dict",
+                        lambda sd, ads, ws, **kw: real(sd, ads[:1], ws[:1], **kw))  # drops t/lora
+    out = files["root"] / "wrong"
+    r = adapters("merge", "t/mora", "t/lora", "--base", files["base"], "--to", "onnx", "-o", out, home=home)
+    assert r.code == 1, r.err
+    assert r.err.startswith("error: validation failed on cpu: ONNX vs base + unmerged adapters")
+    assert r.err.count("\n") == 1
+    assert not out.exists() and not list(files["root"].glob(".wrong.partial-*"))
+    lineage = adapters("lineage", "t/lora", "--json", home=home).json()
+    assert not [n for n in lineage["nodes"] if n["type"] == "artifact"]
+
+
+def test_bad_input_through_the_cli(files, tmp_path):
+    neox = tmp_path / "neox"
+    neox.mkdir()
+    (neox / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    (neox / "model.safetensors").write_bytes((files["base"] / "model.safetensors").read_bytes())
+    r = adapters("merge", files["mora1"], "--base", neox, "--to", "onnx", "-o", tmp_path / "o", "--no-register",
+                 home=tmp_path / "h")
+    assert r.code == 2 and "GPTNeoXForCausalLM" in r.err and "Traceback" not in r.err
+    assert r.err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_explicit_gpu_provider_without_gpu_is_refused(files, tmp_path):
+    from exporters.providers import can_run
+
+    if can_run("cuda"):
+        pytest.skip("this machine has a working CUDA provider")
+    r = adapters("merge", files["mora1"], "--base", files["base"], "--to", "onnx", "-o", tmp_path / "o",
+                 "--provider", "cuda", "--no-register", home=tmp_path / "h")
+    assert r.code == 2 and "CUDAExecutionProvider cannot create a session" in r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_lineage_of_an_onnx_artifact_end_to_end(files):
+    """push two adapters, merge the references to ONNX, then lineage/show/verify the artifact."""
+    pytest.importorskip("registry.api")
+    home = files["root"] / "home-lineage"
+    for name, folder in (("team/mora", files["mora6"]), ("team/lora", files["lora"])):
+        r = adapters("push", folder, "--name", name, "--base", files["base"], home=home)
+        assert r.code == 0, r.err
+    out = files["root"] / "lineage-out"
+    r = adapters("merge", "team/mora", "team/lora:1", "--weight", "0.8", "--weight", "0.5", "--base", files["base"],
+                 "--to", "onnx", "-o", out, "--json", home=home)
+    assert r.code == 0, r.err
+    s = r.json()
+    art = s["artifact"]["ref"]
+    assert s["artifact"]["kind"] == "onnx"
+
+    for ref, weight in (("team/mora:1", 0.8), ("team/lora:1", 0.5)):
+        g = adapters("lineage", ref, "--json", home=home).json()
+        assert [n["id"] for n in g["nodes"] if n["type"] == "artifact"] == [art]
+        assert {"from": ref, "to": art, "kind": "input", "weight": weight} in g["edges"]
+
+    shown = adapters("show", art, "--json", home=home).json()
+    recipe = shown["recipe"]
+    assert recipe["kind"] == "onnx" and recipe["opset"] == s["opset"]
+    assert [(a["ref"], a["weight"]) for a in recipe["adapters"]] == [("team/mora:1", 0.8), ("team/lora:1", 0.5)]
+    assert recipe["base"]["files"]["model.safetensors"]
+    assert recipe["export"]["files"]["model.onnx"]["sha256"] == shown["files"]["model.onnx"]
+    assert shown["report"]["passed"] and shown["report"]["provider"] == "cpu"
+    assert "torch" in recipe["tools"]
+
+    assert adapters("verify", home=home).code == 0
+    with open(out / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    v = adapters("verify", home=home)
+    assert v.code == 1 and "model.onnx" in (v.out + v.err)
