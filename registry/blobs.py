@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
 
-CHUNK = 8 * 1024 * 1024
+CHUNK = 1024 * 1024  # 1 MiB: stays in CPU cache between read, hash and write (8 MiB is ~2x slower)
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 
 
