@@ -6,7 +6,6 @@ documents are stored as canonical text (sorted keys) so that SQLite and PostgreS
 round-trip them byte for byte and digests over them stay reproducible.
 """
 
-from __future__ import annotations
 
 from datetime import datetime
 
