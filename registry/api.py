@@ -165,15 +165,21 @@ class Registry:
 
         Validates the folder with mora_core (bad input raises RegistryError, store unchanged),
         copies each file into the blob store while hashing it, then records the version,
-        its tags and an audit event in one transaction.
+        its tags and an audit event in one transaction. Without `base_model`, a version with
+        a `parent` records the parent's base model, revision and base digests.
         """
         check_name(name)
         tags = [check_alias(t) for t in tags]
         meta_d = parse_meta(meta)
         folder = Path(folder)
         files = adapter_files(folder)
-        parent_id = self.resolve(parent).id if parent else None
+        parent_info = self.resolve(parent) if parent else None
+        parent_id = parent_info.id if parent_info else None
         base_files = hash_base(base_dir) if base_dir is not None else None
+        if parent_info is not None and base_model is None:  # derived on the parent's base
+            base_model, base_revision = parent_info.base_model, base_revision or parent_info.base_revision
+            if base_files is None:
+                base_files = parent_info.base_files
         staged: list[Staged] = []
         try:
             largest = max(files, key=lambda f: f.stat().st_size)

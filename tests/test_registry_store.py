@@ -38,7 +38,9 @@ def test_push_numbers_refs_and_metadata(reg, make_adapter, registry_home):
     assert {f["path"] for f in info.files} == {"adapter_config.json", "adapter_model.safetensors"}
     for f in info.files:
         assert f["size"] == (a / f["path"]).stat().st_size
-    assert reg.resolve("team/llama-lora:2").parent == "team/llama-lora:1"
+    child = reg.resolve("team/llama-lora:2")
+    assert child.parent == "team/llama-lora:1"
+    assert (child.base_model, child.base_revision) == ("meta/llama", "abc")  # inherited from the parent
     assert info.author and info.created.tzinfo is not None
 
 
