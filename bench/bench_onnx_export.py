@@ -3,8 +3,8 @@
     python bench/bench_onnx_export.py [--layers 8] [--hidden 768] [--vocab 32000]
 
 Prints the parameter count and the exporter's own stage timings (merge, export,
-validation) from one `export_merged_onnx` call, float32 on the CPU provider (or the GPU
-provider `auto` finds). Random weights; nothing is downloaded.
+validation) from one `export_merged_onnx` call (float32 by default, `--dtype float16`), on
+the provider `auto` finds (CPU here). Random weights; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--provider", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = ap.parse_args()
 
     from exporters.onnx_export import export_merged_onnx
@@ -57,11 +58,12 @@ def main() -> None:
         lora = write_lora_adapter(tmp / "lora", tmp / "base", "llama", ["q_proj", "v_proj"], r=16)
         adapters = [load_adapter(mora), load_adapter(lora)]
         t = time.perf_counter()
-        s = export_merged_onnx(tmp / "base", adapters, [1.0, 0.5], tmp / "out", provider=args.provider)
+        s = export_merged_onnx(tmp / "base", adapters, [1.0, 0.5], tmp / "out", provider=args.provider,
+                               dtype=args.dtype)
         wall = time.perf_counter() - t
         v = s["validation"]
         size = sum(f["bytes"] for f in s["files"].values())
-        print(f"model          Llama-like, {n_params / 1e6:.1f}M parameters, float32, {size / 1e6:.0f} MB ONNX")
+        print(f"model          Llama-like, {n_params / 1e6:.1f}M parameters, {args.dtype}, {size / 1e6:.0f} MB ONNX")
         print(f"provider       {v['provider']} (requested {v['requested_provider']})")
         for stage in ("merge", "export", "validation"):
             print(f"{stage:<14} {s['seconds'][stage]:8.2f} s")
