@@ -32,8 +32,8 @@ def check_name(name: str) -> str:
         raise RegistryError("adapter name is empty")
     if len(name) > MAX_NAME:
         raise RegistryError(f"adapter name {name[:40]!r}...: longer than {MAX_NAME} characters")
-    if name.startswith("/") or ".." in name or "//" in name or name.endswith("/"):
-        raise RegistryError(f"adapter name {name!r}: no leading/trailing '/', '//' or '..' allowed")
+    if name.startswith("/") or ".." in name or "//" in name or name.endswith("/") or "." in name.split("/"):
+        raise RegistryError(f"adapter name {name!r}: no leading/trailing '/', '//', '.' or '..' segments allowed")
     if not NAME_RE.match(name):
         raise RegistryError(f"adapter name {name!r}: use lowercase letters, digits and -_./ only")
     if name == ARTIFACT or name.startswith(ARTIFACT + "/"):

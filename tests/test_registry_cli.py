@@ -143,7 +143,7 @@ def test_mora_copies_differ_refused(run_cli, make_adapter, reg, registry_home):
     assert store_snapshot(registry_home, reg) == before
 
 
-@pytest.mark.parametrize("name", ["../x", "/abs", "Team/X", "a//b", "a/../b", "x y", "artifact", "x/", "-x", "é"])
+@pytest.mark.parametrize("name", ["../x", "/abs", "Team/X", "a//b", "a/../b", "a/./b", "x y", "artifact", "x/", "-x", "é", "x" * 201])
 def test_invalid_names_refused(name, run_cli, make_adapter, reg, registry_home):
     before = store_snapshot(registry_home, reg)
     r = run_cli("push", make_adapter("a"), "--name", name)
