@@ -9,6 +9,7 @@ the exporter's validation were wrong.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,27 @@ def test_adapter_for_another_base_is_a_merge_error(tmp_path, root):
     with pytest.raises(MoraCoreError):
         _export(root, "bert-with-llama", "bert", [_mora(root, "llama", 1)], [1.0])
     assert _leftovers(root, "bert-with-llama") == []
+
+
+def test_lora_on_a_tied_input_embedding_unties_and_matches_peft(root):
+    """peft LoRA on `embed_tokens` of a tied base: lm_head must keep the *base* embedding.
+
+    Checked against peft's own forward (not mora_core's), at an explicit opset.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = write_lora_adapter(root / "adapter-llama-lora-embed", _base(root, "llama"), "llama",
+                                ["embed_tokens", "q_proj"])
+    s = _export(root, "llama-embed", "llama", [folder], [1.0], opset=18)
+    assert s["untied"] == {"lm_head.weight": "model.embed_tokens.weight"} and s["opset"] == 18
+    assert s["validation"]["passed"]
+    base = AutoModelForCausalLM.from_pretrained(str(root / "llama-base"), attn_implementation="eager")
+    with warnings.catch_warnings():  # peft warns about adapting a tied layer
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    ids = np.random.default_rng(5).integers(0, 96, size=(2, 9), dtype=np.int64)
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(_session_out(s, ids, mask), ref, atol=1e-4, rtol=1e-4)
