@@ -59,13 +59,13 @@ def _session(path: Path, provider: str, threads: int):
     """
     import onnxruntime as ort
 
-    from exporters.providers import CHAINS, quiet_ort
+    from exporters.providers import provider_chain, quiet_ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with quiet_ort():
-        return ort.InferenceSession(str(path), sess_options=opts, providers=CHAINS[provider])
+        return ort.InferenceSession(str(path), sess_options=opts, providers=provider_chain(provider))
 
 
 def main() -> None:

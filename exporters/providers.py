@@ -29,7 +29,16 @@ CHAINS = {
     "cpu": ["CPUExecutionProvider"],
 }
 
+# CUDA's float32 GEMMs may run in TF32 (10-bit mantissa) unless told not to: a float32
+# graph must compute in float32 to be compared with float32 PyTorch at 1e-4.
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
 Probe = Callable[[str], bool]
+
+
+def provider_chain(provider: str) -> list:
+    """What `InferenceSession(providers=...)` gets for `provider` (short name), options included."""
+    return [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p for p in CHAINS[provider]]
 
 
 @contextlib.contextmanager
@@ -73,7 +82,7 @@ def can_run(provider: str) -> bool:
         return False
     try:
         with quiet_ort():
-            sess = ort.InferenceSession(_probe_model(), providers=CHAINS[provider])
+            sess = ort.InferenceSession(_probe_model(), providers=provider_chain(provider))
     except Exception:  # missing CUDA/TensorRT libraries, no device
         return False
     return sess.get_providers()[:1] == [wanted]
@@ -107,7 +116,7 @@ def open_session(model_path: str | Path, provider: str, intra_op_threads: int | 
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
     with quiet_ort():
-        return ort.InferenceSession(str(model_path), sess_options=opts, providers=CHAINS[provider])
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=provider_chain(provider))
 
 
 def short_name(ort_provider: str) -> str:

@@ -111,3 +111,11 @@ def test_diff_stats_flags_nan_and_shape_mismatch():
     bad[0, 1, 1] = np.nan
     assert diff_stats(bad, ref, mask, 1e-4, 1e-4)["worst_ratio"] == float("inf")
     assert diff_stats(np.zeros((1, 2, 4)), ref, mask, 1e-4, 1e-4)["worst_ratio"] == float("inf")
+
+
+def test_cuda_sessions_ask_for_full_float32():
+    from exporters.providers import provider_chain
+
+    assert provider_chain("cpu") == ["CPUExecutionProvider"]
+    assert provider_chain("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert provider_chain("tensorrt")[0] == "TensorrtExecutionProvider"
