@@ -118,7 +118,12 @@ def export_merged_onnx(
     if untied:
         model = build_model(copy.deepcopy(config), untie=True)
     load_weights(model, merged)
+    # the unmerged reference needs back only the base value of each tensor the merge changed;
+    # dropping the rest now keeps peak memory near one model plus the touched tensors
+    restore = {k: base.tensors[k] for k, v in merged.items() if k in base.tensors and v is not base.tensors[k]}
+    restore.update({alias: base.tensors[src] for alias, src in untied.items()})
     del merged
+    base.tensors = {}
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     seconds["merge"] = round(time.perf_counter() - t, 3)
     _progress(progress, total, 1, "merged; exporting graph")
@@ -139,7 +144,7 @@ def export_merged_onnx(
         validation = None
         if validate:
             t = time.perf_counter()
-            validation = _validate(tmp / GRAPH_NAME, model, base, untied, adapters, weights, config, task,
+            validation = _validate(tmp / GRAPH_NAME, model, restore, adapters, weights, config, task,
                                    chosen, provider, atol_v, rtol_v, dtype)
             seconds["validation"] = round(time.perf_counter() - t, 3)
             if not validation["passed"]:
@@ -229,10 +234,14 @@ def _graph_opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _validate(graph: Path, model: torch.nn.Module, base: BaseWeights, untied: dict[str, str],
+def _validate(graph: Path, model: torch.nn.Module, restore: dict[str, torch.Tensor],
               adapters: Sequence[Adapter], weights: Sequence[float], config, task: str, provider: str,
               requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
-    """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model."""
+    """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
+
+    `model` holds the merged weights; `restore` maps every tensor the merge changed (and
+    every untied alias) to its base value, for the unmerged reference.
+    """
     session = open_session(graph, provider)
     used, chain = really_used(session)
     out_name = OUTPUT_NAME[task]
@@ -248,7 +257,7 @@ def _validate(graph: Path, model: torch.nn.Module, base: BaseWeights, untied: di
 
     comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol)}
     # the same module, back to the base weights, with the adapters as unmerged branches
-    load_weights(model, {**base.tensors, **{a: base.tensors[s] for a, s in untied.items()}})
+    load_weights(model, restore)
     with apply_unmerged(model, adapters, weights):
         comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
                                                   torch_run, atol, rtol)

@@ -62,9 +62,11 @@ def build_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
-def write_base(folder: Path, kind: str, seed: int = 0, **overrides) -> Path:
+def write_base(folder: Path, kind: str, seed: int = 0, dtype: torch.dtype | None = None, **overrides) -> Path:
     """Save a tiny `kind` model as a transformers folder (config.json + model.safetensors)."""
     model = build_model(kind, seed, **overrides)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(str(folder))
     return folder
 

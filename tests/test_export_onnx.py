@@ -288,3 +288,13 @@ def test_lora_on_a_tied_input_embedding_unties_and_matches_peft(root):
     with torch.no_grad():
         ref = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     np.testing.assert_allclose(_session_out(s, ids, mask), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_base_exports_as_float32(root, tmp_path):
+    base = write_base(tmp_path / "bf16-base", "qwen2", dtype=torch.bfloat16)
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+    s = export_merged_onnx(base, [load_adapter(_mora(root, "qwen2", 6))], [1.0], tmp_path / "out")
+    assert s["validation"]["passed"] and s["dtype"] == "float32"
