@@ -1,10 +1,10 @@
 """`adapters list --json` over a store holding 10,000 versions, against the import floor.
 
-    python bench/bench_registry_list.py [--versions 10000] [--runs 9]
+    python bench/bench_registry_list.py [--versions 10000] [--runs 15]
 
 Floor: a process that only runs `import sqlalchemy.orm, click`. Target: the whole
 `adapters list --json` process at most 0.15 s slower than the floor, measured in the
-same run (medians, interleaved). Also times `list NAME` and `list --where`.
+same run (interleaved; medians and best-of reported). Also times `list NAME` and `list --where`.
 
 The store is seeded with a few real pushes, then bulk rows shaped exactly like them
 (same spec text, files pointing at real blobs, metadata rows) to reach the count fast.
@@ -76,7 +76,7 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", type=int, default=10000)
-    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-list-"))
     try:
@@ -104,11 +104,25 @@ def main() -> None:
             for k, cmd in cases.items():
                 times[k].append(run(cmd, env))
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"store: {total} versions; {args.runs} runs, medians, {os.cpu_count()} cpus")
-        for k, t in med.items():
-            extra = "" if k == "floor" else f"   floor + {t - med['floor']:.3f} s"
-            print(f"  {k:<22} {t:6.3f} s{extra}")
-        print(f"list --json - floor = {med['list --json'] - med['floor']:.3f} s  (target <= 0.150)")
+        best = {k: min(v) for k, v in times.items()}
+        print(f"store: {total} versions; {args.runs} interleaved runs, {os.cpu_count()} cpus")
+        print(f"  {'':<22} {'median':>8} {'best':>8}")
+        for k in cases:
+            extra = "" if k == "floor" else (f"   floor + {med[k] - med['floor']:.3f} s (median), "
+                                              f"+ {best[k] - best['floor']:.3f} s (best)")
+            print(f"  {k:<22} {med[k]:7.3f}s {best[k]:7.3f}s{extra}")
+        probe = ("import sys, time; import sqlalchemy.orm, click; t = time.perf_counter(); "
+                 "from registry.cli import main; main(['list', '--json']); "
+                 "print(time.perf_counter() - t, file=sys.stderr)")
+        inc = []
+        for _ in range(args.runs):
+            p = subprocess.run([sys.executable, "-c", probe], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, check=True)
+            inc.append(float(p.stderr.strip().splitlines()[-1]))
+        print(f"  in-process cost of `list --json` after the floor's imports: median {statistics.median(inc):.3f} s, "
+              f"best {min(inc):.3f} s (less sensitive to machine load)")
+        print(f"list --json - floor = {med['list --json'] - med['floor']:.3f} s median, "
+              f"{best['list --json'] - best['floor']:.3f} s best  (target <= 0.150)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
