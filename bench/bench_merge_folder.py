@@ -1,0 +1,255 @@
+"""Whole-folder MoRA merge (`adapters merge` CLI) against a Python process copying the folder.
+
+    python bench/bench_merge_folder.py [--size-gb 1.0] [--reps 3] [--mora-types 1,6] [--keep]
+
+Builds, under a temp dir in /tmp (removed at the end unless --keep), a synthetic
+Llama-like bf16 base (hidden 2048, intermediate 5504, vocab 32000, untied lm_head,
+`model.layers.N.self_attn.q_proj.weight`..., enough layers for >= --size-gb GiB, ~4 shards,
+`model.safetensors.index.json`, config.json) and one MoRA adapter per type (r=8, all seven
+linear modules of every layer, lora_A == lora_B = the r_hat x r_hat float32 matrix).
+
+Then, alternating, --reps times each (outputs deleted between runs):
+- floor: `python -c "import torch, shutil; shutil.copytree(src, dst)"` (a process that
+  imports torch and reads and writes every byte; no fsync);
+- merge: `adapters merge ADAPTER --base SRC --to safetensors -o DST --no-register --json`
+  (the merge fsyncs every shard it writes; the floor does not).
+Wall time is whole process against whole process (interpreter start and imports included).
+Peak RSS is each child's own ru_maxrss (os.wait4). The page cache cannot be dropped here,
+so the base is read once beforehand (warm cache) and every run reads it from memory.
+
+Targets: merge median <= 1.5x floor median; merge peak RSS <= 4 x largest tensor
+(stored dtype) + 400 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # appended: a patched mora_core first on PYTHONPATH wins
+
+HIDDEN, INTER, VOCAB = 2048, 5504, 32000
+LINEAR = {  # module -> (out, in) of the Linear weight
+    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
+}
+RSS_TARGET_FACTOR, RSS_TARGET_EXTRA_MB, TIME_TARGET = 4, 400, 1.5
+MB = 1e6
+
+
+def _layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}"
+    t = {f"{p}.{m}.weight": s for m, s in LINEAR.items()}
+    t[f"{p}.input_layernorm.weight"] = (HIDDEN,)
+    t[f"{p}.post_attention_layernorm.weight"] = (HIDDEN,)
+    return t
+
+
+def build_base(root: Path, size_gb: float, n_shards: int = 4) -> tuple[int, int, int]:
+    """Write the base; returns (n_layers, total bytes, largest tensor bytes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    per_layer = sum(math.prod(s) for s in _layer_tensors(0).values()) * 2
+    fixed = (2 * VOCAB * HIDDEN + HIDDEN) * 2
+    n_layers = max(1, math.ceil((size_gb * (1 << 30) - fixed) / per_layer))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(n_layers):
+        shapes.update(_layer_tensors(i))
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    total = sum(math.prod(s) for s in shapes.values()) * 2
+    per_shard = total / n_shards
+    root.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    # one random pool, sliced per tensor (randn of 0.6 G elements would dominate set-up)
+    pool = (torch.randn(VOCAB * HIDDEN + 4096, generator=gen) * 0.02).to(torch.bfloat16)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    names = list(shapes)
+    for k, name in enumerate(names):
+        n = math.prod(shapes[name])
+        if name.endswith("norm.weight"):
+            t = torch.ones(shapes[name], dtype=torch.bfloat16)
+        else:
+            off = (k * 977) % 4096
+            t = pool[off: off + n].view(shapes[name]).clone()
+        if size >= per_shard * len(shards) and len(shards) < n_shards:
+            shards.append({})
+        shards[-1][name] = t
+        size += n * 2
+    weight_map = {}
+    for j, shard in enumerate(shards):
+        fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(root / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    (root / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": n_layers, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"}, indent=2))
+    largest = max(math.prod(s) for s in shapes.values()) * 2
+    return n_layers, total, largest
+
+
+def build_adapter(root: Path, n_layers: int, mora_type: int, r: int = 8) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from mora_core.mora import mora_rank
+
+    gen = torch.Generator().manual_seed(mora_type)
+    tensors = {}
+    for i in range(n_layers):
+        for m, (out_f, in_f) in LINEAR.items():
+            rh = mora_rank(in_f, out_f, r, mora_type)
+            mat = torch.randn(rh, rh, generator=gen) * 1e-3
+            key = f"base_model.model.model.layers.{i}.{m}"
+            tensors[f"{key}.lora_A.weight"] = mat
+            tensors[f"{key}.lora_B.weight"] = mat.clone()
+    root.mkdir(parents=True)
+    save_file(tensors, str(root / "adapter_model.safetensors"))
+    (root / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "use_mora": True, "mora_type": mora_type, "r": r, "lora_alpha": 16,
+        "target_modules": [m.split(".")[-1] for m in LINEAR], "lora_dropout": 0.0, "bias": "none"}))
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MB of this child, stdout) for one subprocess."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = p.stdout.read(), p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"{cmd[:3]}... exited {p.returncode}:\n{err.decode()[-2000:]}")
+    return wall, ru.ru_maxrss / 1024 * (1 << 20) / MB, out.decode()
+
+
+def warm(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="base size in GiB (bf16), default 1.0")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--mora-types", default="1,6")
+    ap.add_argument("--dir", default=None, help="parent of the temp dir (default /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--_build", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    types = [int(t) for t in args.mora_types.split(",")]
+    if args._build:  # set-up, run in a child so that this process never grows (see below)
+        tmp = Path(args._build)
+        n_layers, total, largest = build_base(tmp / "base", args.size_gb)
+        for t in types:
+            build_adapter(tmp / f"mora{t}", n_layers, t)
+        print(json.dumps([n_layers, total, largest]))
+        return 0
+
+    adapters_cli = shutil.which("adapters")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_merge_folder_", dir=args.dir or "/tmp"))
+    pp = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(REPO)) if x)  # a patched mora_core may go first
+    env = dict(os.environ, ADAPTERS_HOME=str(tmp / "home"), PYTHONPATH=pp)
+    try:
+        t0 = time.perf_counter()
+        base = tmp / "base"
+        # Linux records the pre-exec memory of a forked child into its ru_maxrss, so
+        # this parent must stay small (no torch here) for the children's peaks to be theirs.
+        built = subprocess.run([sys.executable, __file__, "--_build", str(tmp), "--size-gb", str(args.size_gb),
+                                "--mora-types", args.mora_types], env=env, check=True,
+                               capture_output=True, text=True)
+        n_layers, total, largest = json.loads(built.stdout.strip().splitlines()[-1])
+        n_files = len(list(base.glob("*.safetensors")))
+        print(f"base: {n_layers} layers, {n_files} shards, {total / MB:.0f} MB bf16 "
+              f"({total / (1 << 30):.2f} GiB), largest tensor {largest / MB:.1f} MB; "
+              f"MoRA r=8 types {types} on all 7 linear modules per layer; set-up {time.perf_counter() - t0:.1f} s")
+        floor_cmd = [sys.executable, "-c", "import sys, shutil, torch; shutil.copytree(sys.argv[1], sys.argv[2])"]
+        if adapters_cli:
+            merge_cmd = [adapters_cli, "merge"]
+            how = f"{adapters_cli} merge ADAPTER --base SRC --to safetensors -o DST --no-register --json"
+        else:  # registry CLI not installed: the same merge through the Python API
+            merge_cmd = [sys.executable, "-c",
+                         "import sys; from mora_core.adapter import load_adapter; from mora_core.merge import merge_folder; "
+                         "a = load_adapter(sys.argv[1]); merge_folder(sys.argv[3], [a], sys.argv[7])", ]
+            how = "python -c merge_folder(...) (CLI not installed)"
+        print(f"floor: python -c 'import torch, shutil; shutil.copytree(SRC, DST)'\nmerge: {how}")
+        warm(base)
+        print("page cache: cannot be dropped; base read once before timing (warm cache for every run)")
+        print(f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+              "(a forked child's ru_maxrss starts at its parent's)")
+
+        times: dict[str, list[float]] = {"floor": [], **{f"mora{t}": [] for t in types}}
+        rss: dict[str, list[float]] = {k: [] for k in times}
+        dst = tmp / "out"
+        for rep in range(args.reps):
+            for key in times:
+                if key == "floor":
+                    cmd = floor_cmd + [str(base), str(dst)]
+                else:
+                    cmd = merge_cmd + [str(tmp / key), "--base", str(base), "--to", "safetensors",
+                                       "-o", str(dst), "--no-register", "--json"]
+                wall, peak, out = run_child(cmd, env)
+                if key != "floor" and rep == 0:
+                    try:
+                        rep_json = json.loads(out)
+                        merged = rep_json.get("tensors_merged", rep_json.get("merge", {}).get("tensors_merged"))
+                        print(f"  {key}: tensors merged = {merged}")
+                    except json.JSONDecodeError:
+                        pass
+                times[key].append(wall)
+                rss[key].append(peak)
+                shutil.rmtree(dst)
+                print(f"  rep {rep + 1} {key:>6}: {wall:6.2f} s, peak RSS {peak:7.1f} MB", flush=True)
+
+        floor_med = statistics.median(times["floor"])
+        budget = RSS_TARGET_FACTOR * largest / MB + RSS_TARGET_EXTRA_MB
+        print()
+        print(f"largest tensor {largest / MB:.1f} MB (bf16); RSS budget 4 x {largest / MB:.1f} + 400 = {budget:.0f} MB")
+        hdr = (f"{'run':>7} {'median s':>9} {'min s':>7} {'ratio':>6} {'time':>5} "
+               f"{'peak RSS MB':>12} {'RSS':>5}")
+        print(hdr)
+        print("-" * len(hdr))
+        print(f"{'floor':>7} {floor_med:>9.2f} {min(times['floor']):>7.2f} {1.0:>6.2f} {'':>5} "
+              f"{max(rss['floor']):>12.1f}")
+        ok = True
+        for t in types:
+            k = f"mora{t}"
+            med = statistics.median(times[k])
+            ratio = med / floor_med
+            peak = max(rss[k])
+            tpass, rpass = ratio <= TIME_TARGET, peak <= budget
+            ok &= tpass and rpass
+            print(f"{k:>7} {med:>9.2f} {min(times[k]):>7.2f} {ratio:>6.2f} {'PASS' if tpass else 'FAIL':>5} "
+                  f"{peak:>12.1f} {'PASS' if rpass else 'FAIL':>5}")
+        print(f"targets: merge <= {TIME_TARGET}x floor (median, whole process), peak RSS <= {budget:.0f} MB: "
+              f"{'PASS' if ok else 'FAIL'}")
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
