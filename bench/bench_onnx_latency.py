@@ -10,8 +10,11 @@ exporter settings, then times, interleaved in one loop so drift hits all alike:
 - PyTorch eager with the adapters applied *unmerged* (`mora_core.forward`), which is
   what serving without a merge costs.
 
-Prints medians (ms) per shape and the ratios merged/base (target <= 1.02) and
-merged ONNX / PyTorch unmerged.
+Prints medians (ms) per shape and the ratios merged/base (target <= 1.02; also the
+median of per-repetition ratios, "paired", which drift between repetitions cannot
+bias), the noise floor "base/base" (a second session on the very same base graph, timed
+the same way) and merged ONNX / PyTorch unmerged. One intra-op thread by default: on a shared
+machine, multi-threaded runs measure the neighbours more than the graphs.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--provider", default="auto")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for ORT and torch (1: least sensitive to other load)")
     args = ap.parse_args()
 
     import numpy as np
@@ -104,9 +109,11 @@ def main() -> None:
         export_merged_onnx(tmp / "base", [], [], tmp / "base-onnx", provider=args.provider)
         provider = merged["validation"]["provider"]
         same_graph = _op_signature(tmp / "merged" / "model.onnx") == _op_signature(tmp / "base-onnx" / "model.onnx")
-        threads = torch.get_num_threads()
+        threads = args.threads
+        torch.set_num_threads(threads)
         s_merged = _session(tmp / "merged" / "model.onnx", provider, threads)
         s_base = _session(tmp / "base-onnx" / "model.onnx", provider, threads)
+        s_control = _session(tmp / "base-onnx" / "model.onnx", provider, threads)  # noise floor
         used = {really_used(s_merged)[0], really_used(s_base)[0]}
 
         model = AutoModelForCausalLM.from_pretrained(str(tmp / "base"), attn_implementation="eager").eval()
@@ -117,7 +124,7 @@ def main() -> None:
         print(f"graphs    merged and base ONNX have the same operators in the same order: "
               f"{'yes' if same_graph else 'NO'}")
         print(f"{'shape':>9}  {'base ONNX':>10}  {'merged ONNX':>11}  {'torch unmerged':>14}  "
-              f"{'merged/base':>11}  {'merged/torch':>12}")
+              f"{'merged/base':>11}  {'paired':>7}  {'base/base':>9}  {'merged/torch':>12}")
         rng = np.random.default_rng(0)
         for b, s in SHAPES:
             ids = rng.integers(0, args.vocab, size=(b, s), dtype=np.int64)
@@ -130,6 +137,7 @@ def main() -> None:
 
             runs = {"base": lambda feed=feed: s_base.run(None, feed),
                     "merged": lambda feed=feed: s_merged.run(None, feed),
+                    "control": lambda feed=feed: s_control.run(None, feed),
                     "torch": run_torch}
             times: dict[str, list[float]] = {k: [] for k in runs}
             for fn in runs.values():  # warm-up
@@ -144,8 +152,10 @@ def main() -> None:
                     runs[k]()
                     times[k].append(time.perf_counter() - t)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            paired = statistics.median(m / b_ for m, b_ in zip(times["merged"], times["base"]))
             print(f"{b:>4}x{s:<4}  {med['base']:>8.2f}ms  {med['merged']:>9.2f}ms  {med['torch']:>12.2f}ms  "
-                  f"{med['merged'] / med['base']:>11.3f}  {med['merged'] / med['torch']:>12.3f}")
+                  f"{med['merged'] / med['base']:>11.3f}  {paired:>7.3f}  {med['control'] / med['base']:>9.3f}  "
+                  f"{med['merged'] / med['torch']:>12.3f}")
         hooks.remove()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
