@@ -68,6 +68,9 @@ ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # weights above this go to external data (protobuf refuses messages over 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
 VALIDATION_MAX_LEN = 64
+# torch's dynamo exporter emits opset 18+; asking for less converts down, and at 17 that
+# conversion produced graphs ONNX Runtime rejects (Split), at 14 it silently kept 18
+MIN_OPSET, MAX_OPSET = 18, 23
 SIDE_FILE_MAX_BYTES = 64 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -185,8 +188,8 @@ def _check_arguments(adapters: Sequence[Adapter], weights: Sequence[float], out_
         raise ExportError(f"--accumulate {accumulate!r} is not one of {', '.join(ACCUMULATE)}")
     if len(weights) != len(adapters):
         raise ExportError(f"{len(adapters)} adapters but {len(weights)} weights")
-    if opset is not None and not 14 <= opset <= 23:
-        raise ExportError(f"--opset {opset}: choose an ONNX opset between 14 and 23")
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir}: output already exists; choose another -o or remove it")
 
@@ -216,6 +219,9 @@ def _export(model: torch.nn.Module, task: str, model_type: str, dtype: str, opse
                 wrapper, example, None, input_names=INPUT_NAMES, output_names=[OUTPUT_NAME[task]],
                 opset_version=opset, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
             program.save(str(path), external_data=external)
+        import onnx
+
+        onnx.checker.check_model(str(path))  # by path: works past the 2 GB protobuf limit
     except ExportError:
         raise
     except Exception as exc:
@@ -242,12 +248,17 @@ def _validate(graph: Path, model: torch.nn.Module, restore: dict[str, torch.Tens
     `model` holds the merged weights; `restore` maps every tensor the merge changed (and
     every untied alias) to its base value, for the unmerged reference.
     """
-    session = open_session(graph, provider)
-    used, chain = really_used(session)
     out_name = OUTPUT_NAME[task]
     cases = make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
-    outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask})[0]
-               for c in cases]
+    try:
+        session = open_session(graph, provider)
+        outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask})[0]
+                   for c in cases]
+    except Exception as exc:  # the graph does not load or run: that is a failed check too
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckFailed(f"validation failed on {provider}: ONNX Runtime cannot run the exported graph "
+                          f"({type(exc).__name__}: {first}); nothing was written") from None
+    used, chain = really_used(session)
     del session
     wrapper = ExportWrapper(model, task).eval()
 

@@ -251,6 +251,8 @@ def test_missing_config_and_bad_options(tmp_path, root):
         export_merged_onnx(base, [], [], tmp_path / "out")
     with pytest.raises(ExportError, match="dtype 'bfloat16'"):
         export_merged_onnx(root / "llama-base", [], [], tmp_path / "out", dtype="bfloat16")
+    with pytest.raises(ExportError, match="--opset 17: the exporter writes opsets 18 to 23"):
+        export_merged_onnx(root / "llama-base", [], [], tmp_path / "out", opset=17)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExportError, match="already exists"):
