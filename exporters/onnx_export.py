@@ -53,15 +53,13 @@ from exporters.hf_model import (
     read_base_weights,
     task_of,
 )
+from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
 from exporters.providers import choose_provider, open_session, really_used
 from exporters.validate import Case, compare, failure_line, make_cases, tolerances
 from mora_core.adapter import Adapter
 from mora_core.forward import apply_unmerged
 from mora_core.merge import merge_state_dict
 
-GRAPH_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
-RECIPE_NAME = "export.json"
 INPUT_NAMES = ["input_ids", "attention_mask"]
 ONNX_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}

@@ -37,7 +37,7 @@ def run(model: Path, text: str | None, ids: str | None, provider: str, top_k: in
 
 
 def _graph_path(model: Path) -> tuple[Path, dict[str, Any]]:
-    from exporters.onnx_export import GRAPH_NAME, RECIPE_NAME
+    from exporters.onnx_layout import GRAPH_NAME, RECIPE_NAME
 
     if model.is_file() and model.suffix == ".onnx":
         return model, {}
@@ -64,11 +64,30 @@ def _parse_ids(text: str) -> list[int]:
     return out
 
 
-def _tokenizer(folder: Path):
+class _Tokenizer:
+    """encode/decode over `tokenizers` (tokenizer.json, no torch) or, failing that, transformers."""
+
+    def __init__(self, encode, decode):
+        self.encode, self.decode = encode, decode
+
+
+def _tokenizer(folder: Path, allow_transformers: bool) -> _Tokenizer | None:
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path))
+            return _Tokenizer(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids))
+        except Exception:
+            pass
+    if not allow_transformers:  # transformers imports torch: only when --text needs it
+        return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return _Tokenizer(lambda text: list(hf(text)["input_ids"]), lambda ids: hf.decode(ids))
     except Exception:
         return None
 
@@ -80,11 +99,11 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
         raise UserError("give exactly one of --text or --ids")
     graph, recipe = _graph_path(model)
     folder = graph.parent
-    tok = _tokenizer(folder) if text is not None or (folder / "tokenizer_config.json").is_file() else None
+    tok = _tokenizer(folder, allow_transformers=text is not None)
     if text is not None:
         if tok is None:
             raise UserError(f"{folder}: no tokenizer files to encode --text; use --ids")
-        token_ids = list(tok(text)["input_ids"])
+        token_ids = list(tok.encode(text))
         if not token_ids:
             raise UserError("--text encodes to no tokens")
     else:

@@ -228,3 +228,13 @@ def test_lineage_of_an_onnx_artifact_end_to_end(files):
         fh.write(b"\0")
     v = adapters("verify", home=home)
     assert v.code == 1 and "model.onnx" in (v.out + v.err)
+
+
+def test_run_does_not_import_torch(merged):
+    """Serving needs ONNX Runtime only: `adapters run --ids` must not pay for torch."""
+    out, _ = merged
+    code = ("import sys; from registry.cli import main; rc = main(['run', sys.argv[1], '--ids', '1,2', '--json']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["next_token"]
