@@ -154,7 +154,7 @@ def export_merged_onnx(
 
         _copy_side_files(base_dir, tmp, untied)
         recipe = _recipe(tmp, config, task, adapters, weights, dtype, accumulate, real_opset, untied,
-                         base, use_external, validation)
+                         base, validation)
         (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
@@ -311,7 +311,7 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 def _recipe(folder: Path, config, task: str, adapters: Sequence[Adapter], weights: Sequence[float],
             dtype: str, accumulate: str, opset: int, untied: dict[str, str], base: BaseWeights,
-            external: bool, validation: dict[str, Any] | None) -> dict[str, Any]:
+            validation: dict[str, Any] | None) -> dict[str, Any]:
     """export.json: how this graph was made, enough to make it again and to check it."""
     from exporters.inputs import tool_versions
 
