@@ -1,7 +1,7 @@
 """Per-layer fused merge against the floor `W += dW` (dW precomputed), float32 W.
 
     python bench/bench_merge_layer.py [--reps 7] [--shapes 4096x4096,4096x11008,11008x4096]
-                                      [--ranks 8,256] [--types 1,6] [--lora-r 16]
+                                      [--ranks 8,256] [--types 1,6] [--lora-r 16] [--threads N]
 
 Convention: a shape `OUTxIN` is the `[out, in]` weight of a torch Linear
 (in_features=IN, out_features=OUT); the default set holds both 4096x11008 and
@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default="8,256", help="MoRA r values")
     ap.add_argument("--types", default="1,6", help="MoRA types")
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: skip LoRA)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-check", action="store_true", help="skip the fused == floor correctness check")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
     cases = []
