@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from exporters.cli_common import ProgressLine, UserError, fail, run_guarded
+from registry.cli_common import ProgressLine, UserError, run_guarded
 
 DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32"]
 
@@ -103,7 +103,8 @@ def _merge(adapter_args, base_dir, target, out_dir, weights, dtype, accumulate, 
 
     resolved = resolve_adapters(adapter_args, base_dir, home, allow_base_mismatch)
     loaded = [r.adapter for r in resolved]
-    progress = ProgressLine(enabled=not as_json and sys.stderr.isatty())
+    on_tty = not as_json and sys.stderr.isatty()
+    progress = ProgressLine(on_tty) if target == "safetensors" else ProgressLine(on_tty, verb="step", unit="steps")
 
     if target == "safetensors":
         from mora_core.merge import merge_folder
@@ -122,12 +123,13 @@ def _merge(adapter_args, base_dir, target, out_dir, weights, dtype, accumulate, 
         progress.close()
     summary["adapters"] = [r.describe(w) for r, w in zip(resolved, weight_list)]
 
+    effective_dtype = summary.get("dtype", dtype) if target == "onnx" else dtype
     registrable = register and (target == "safetensors" or not no_validate)
     if registrable:
         from exporters.inputs import register_output
 
         summary["artifact"] = register_output(
-            home, target, out_dir, base_dir, resolved, weight_list, dtype, accumulate, summary)
+            home, target, out_dir, base_dir, resolved, weight_list, effective_dtype, accumulate, summary)
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -141,8 +143,6 @@ def _print_human(s: dict[str, Any]) -> None:
         rows += [("tensors", f"{s['tensors_merged']} merged of {s['tensors_total']} ({s['shards']} shard(s))"),
                  ("dtype", s["dtype"]),
                  ("time", f"{s['seconds']:.2f} s, peak RSS {s['peak_rss_mb']:.0f} MB")]
-        if s.get("untied"):
-            rows.append(("untied", ", ".join(f"{k} (from {v})" for k, v in s["untied"].items())))
     else:
         v = s.get("validation") or {}
         if v:
@@ -150,6 +150,8 @@ def _print_human(s: dict[str, Any]) -> None:
                                       f"max rel {v.get('max_rel_diff'):.3g} ({'pass' if v.get('passed') else 'FAIL'})"))
         else:
             rows.append(("validated", "no (--no-validate)"))
+    if s.get("untied"):
+        rows.append(("untied", ", ".join(f"{k} (from {v})" for k, v in s["untied"].items())))
     for a in s["adapters"]:
         rows.append(("adapter", f"{a['ref']}  weight {a['weight']:g}  {a['kind']}"))
     if s.get("artifact"):
@@ -159,4 +161,3 @@ def _print_human(s: dict[str, Any]) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-__all__ = ["merge", "fail"]

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from exporters.cli_common import CheckFailed
 from exporters.errors import ExportError
 from exporters.hf_model import (
     OUTPUT_NAME,
@@ -59,6 +58,7 @@ from exporters.validate import Case, compare, failure_line, make_cases, toleranc
 from mora_core.adapter import Adapter
 from mora_core.forward import apply_unmerged
 from mora_core.merge import merge_state_dict
+from registry.cli_common import CheckFailed
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
 ONNX_DTYPES = {"float32": torch.float32, "float16": torch.float16}

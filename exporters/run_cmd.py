@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from exporters.cli_common import UserError, run_guarded
+from registry.cli_common import UserError, run_guarded
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,21 +1,19 @@
 """The registry's `adapters` subcommands (registered lazily in registry/cli.py).
 
-Every command takes `--json`; errors are one `error: ...` line on stderr and exit 1.
+Every command takes `--json`; errors are one `error: ...` line on stderr and exit 2 (see registry.cli_common).
 This module imports click and registry.api only: no torch, transformers or alembic
 (`adapters push` reaches torch through mora_core inside the push itself).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from registry.errors import RegistryError
+from registry.cli_common import guarded
 
 home_option = click.option("--home", envvar="ADAPTERS_HOME", type=click.Path(file_okay=False),
                            help="Registry home (default: $ADAPTERS_HOME or the user data dir).")
@@ -24,26 +22,7 @@ db_option = click.option("--db-url", envvar="ADAPTERS_DB_URL", default=None,
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
-
-
-def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user mistakes (RegistryError, OSError) into one error line and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RegistryError as exc:
-            _fail(str(exc))
-        except OSError as exc:
-            _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-        except KeyboardInterrupt:
-            _fail("interrupted")
-
-    return wrapper
+command = guarded  # every command: user mistakes become one `error:` line and exit 2
 
 
 def _open(home: str | None, db_url: str | None):

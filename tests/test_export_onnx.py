@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.cli_common import CheckFailed
 from exporters.errors import ExportError
 from exporters.onnx_export import export_merged_onnx, sha256_file
 from exporters.providers import open_session
 from mora_core.adapter import load_adapter
+from registry.cli_common import CheckFailed
 from tests.models import linear_shapes, write_base, write_lora_adapter, write_mora_adapter
 
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],

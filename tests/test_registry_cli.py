@@ -125,7 +125,7 @@ def test_bad_adapter_refused_store_unchanged(case, run_cli, make_adapter, reg, r
     mutate, message = BAD[case]
     mutate(folder)
     r = run_cli("push", folder, "--name", "x")
-    assert r.code == 1 and r.out == ""
+    assert r.code == 2 and r.out == ""
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.err
     assert str(folder) in lines[0]
@@ -139,7 +139,7 @@ def test_mora_copies_differ_refused(run_cli, make_adapter, reg, registry_home):
     folder = make_adapter("bad", kind="mora")
     _rewrite_tensor(folder, "lora_B", _bump)
     r = run_cli("push", folder, "--name", "x")
-    assert r.code == 1 and "MoRA's two copies" in r.err and len(r.err.strip().splitlines()) == 1
+    assert r.code == 2 and "MoRA's two copies" in r.err and len(r.err.strip().splitlines()) == 1
     assert store_snapshot(registry_home, reg) == before
 
 
@@ -147,7 +147,7 @@ def test_mora_copies_differ_refused(run_cli, make_adapter, reg, registry_home):
 def test_invalid_names_refused(name, run_cli, make_adapter, reg, registry_home):
     before = store_snapshot(registry_home, reg)
     r = run_cli("push", make_adapter("a"), "--name", name)
-    assert r.code == 1 and r.err.startswith("error: adapter name") and len(r.err.strip().splitlines()) == 1
+    assert r.code == 2 and r.err.startswith("error: adapter name") and len(r.err.strip().splitlines()) == 1
     assert store_snapshot(registry_home, reg) == before
     assert not list(registry_home.rglob("*x*")) or name != "../x"
 
@@ -170,7 +170,7 @@ def test_user_mistakes_one_line(args, message, run_cli, make_adapter, reg, regis
     run_cli("push", src, "--name", "x")
     before = store_snapshot(registry_home, reg)
     r = run_cli(*[a.replace("{src}", str(src)) for a in args])
-    assert r.code == 1 and len(r.err.strip().splitlines()) == 1 and message in r.err, r.err
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and message in r.err, r.err
     assert store_snapshot(registry_home, reg) == before
 
 
