@@ -21,7 +21,7 @@ import torch
 from mora_core.errors import AdapterError, MergeError
 from mora_core.mora import MoraOperator, mora_rank
 from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp
-from mora_core.safetensors_io import SafetensorsFile
+from mora_core.safetensors_io import SafetensorsFile, all_finite
 from mora_core.spec import AdapterSpec, read_config
 
 CONFIG_NAME = "adapter_config.json"
@@ -175,7 +175,7 @@ def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
                 f"{folder / pickles[0]}: pickle checkpoints are refused (they can run code); "
                 "convert it to adapter_model.safetensors first")
         raise AdapterError(f"{weights}: not found")
-    tensors = SafetensorsFile(weights, AdapterError).read_all()
+    tensors = SafetensorsFile(weights, AdapterError).map_all()
     return adapter_from_tensors(tensors, config, spec, folder, label or folder.name, where=str(weights))
 
 
@@ -187,7 +187,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise AdapterError(f"{where}: tensor {key} holds NaN or Inf values")
         name = _strip_prefix(key)
         if ".lora_B.bias" in name or name.endswith(".lora_A.bias"):

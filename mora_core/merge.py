@@ -32,6 +32,7 @@ from mora_core.safetensors_io import (
     PlannedTensor,
     SafetensorsFile,
     StreamingSafetensorsWriter,
+    all_finite,
     dtype_code,
     torch_dtype,
 )
@@ -63,7 +64,7 @@ def apply_ops(w: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]], base: torch
 def finish(w: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
     """Cast the accumulated tensor once to `out_dtype` and refuse non-finite results."""
     out = w if w.dtype == out_dtype else w.to(out_dtype)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise MergeError(f"merged tensor {name} is not finite in {str(out_dtype).replace('torch.', '')} "
                          "(NaN or Inf; adapter weights too large for the dtype?)")
     return out

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,8 +170,31 @@ class SafetensorsFile:
                     got += k
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
-    def read_all(self) -> dict[str, torch.Tensor]:
-        return {n: self.read(n) for n in self.tensors}
+    def map_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a view of one private (copy-on-write) memory map of the file.
+
+        For small files read whole (adapters): no copy, and pages are shared with the
+        page cache. Not for base models, whose pages would accumulate in RSS.
+        """
+        import mmap
+
+        import torch
+
+        if not self.tensors:
+            return {}
+        with open(self.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        out = {}
+        for name, info in self.tensors.items():
+            dtype = torch_dtype(info.dtype)
+            if info.nbytes == 0:
+                out[name] = torch.empty(info.shape, dtype=dtype)
+                continue
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
+            if info.begin % DTYPE_SIZES[info.dtype]:  # unaligned (non-standard writer): copy
+                raw = raw.clone()
+            out[name] = raw.view(dtype).reshape(info.shape)
+        return out
 
 
 # ----------------------------------------------------------------------------- writing
@@ -281,6 +304,17 @@ def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
         done += k
 
 
-def iter_files(paths: Iterable[Path], error_cls: type[MoraCoreError]) -> Iterator[SafetensorsFile]:
-    for p in paths:
-        yield SafetensorsFile(p, error_cls)
+def all_finite(t: torch.Tensor) -> bool:
+    """True if no element is NaN or Inf.
+
+    One reduction first: a finite sum proves every element finite (NaN and Inf always
+    propagate into a sum), so the elementwise check runs only when the sum is not finite
+    (a real NaN/Inf, or an overflowing sum of large finite values).
+    """
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
