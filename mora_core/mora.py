@@ -21,6 +21,7 @@ so merged weights and the unmerged forward always agree.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -52,8 +53,12 @@ def _groups(n: int, k: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(k), sizes)
 
 
+@functools.lru_cache(maxsize=64)
 def rope_tables(r_hat: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, `[n_blocks, r_hat]`, computed in float32 as the reference does."""
+    """cos and sin, `[n_blocks, r_hat]`, computed in float32 as the reference does.
+
+    Cached (every layer of a model shares a few shapes): callers must not modify them.
+    """
     inv_freq = 1.0 / (10000 ** (torch.arange(0, r_hat, 2).float() / r_hat))
     t = torch.arange(n_blocks)
     freqs = torch.outer(t, inv_freq)
@@ -137,10 +142,21 @@ class MoraOperator:
     def compressed_core(self, m: torch.Tensor) -> torch.Tensor:
         """`core(M) @ C`: `[compress_width_out, in_features]`, the per-slot rows of delta."""
         core = self.core(m)
-        feature, slot = self.compress_map
-        out = torch.zeros(core.shape[0], self.in_features, dtype=m.dtype, device=m.device)
-        out.index_add_(1, feature.to(m.device), core[:, slot.to(m.device)])
-        return out
+        n = self.in_features
+        if self.mora_type in _CYCLIC_COMPRESS:
+            # position p feeds feature p % n from column p % r (types 1/4) or p (type 6):
+            # lay the positions out once, then fold the wrapped tail onto the head with
+            # contiguous slices (index_add_ along dim 1 is a strided, per-column loop).
+            cols = core.repeat(1, self.n_blocks) if self.mora_type != 6 else core
+            out = cols[:, :n].clone()
+            rest = cols[:, n:]
+            while rest.shape[1]:
+                k = min(n, rest.shape[1])
+                out[:, :k] += rest[:, :k]
+                rest = rest[:, k:]
+            return out
+        _, slot = self.compress_map  # grouped: feature j reads its group's column
+        return core[:, slot.to(m.device)]
 
     def delta(self, m: torch.Tensor) -> torch.Tensor:
         """Dense `[out_features, in_features]` update, `y = x @ delta.T`."""
@@ -179,6 +195,9 @@ class MoraOperator:
         if self.mora_type == 6:
             self._add_block_diagonal(w, m, weight)
             return
+        if self.mora_type == 1 and self.r_hat <= in_f:
+            self._add_tiled(w, m if weight == 1.0 else m * weight)
+            return
         rows = self.compressed_core(m)  # [r_hat, in]
         if weight != 1.0:
             rows.mul_(weight)
@@ -186,8 +205,7 @@ class MoraOperator:
         if self.mora_type in _TILE_DECOMPRESS:
             full = out_f // r
             if full:
-                w[: full * r].view(full, r, in_f).add_(rows) if w.is_contiguous() else \
-                    _add_tiled_strided(w[: full * r], rows, full)
+                w[: full * r].unflatten(0, (full, r)).add_(rows)
             if out_f % r:
                 w[full * r:].add_(rows[: out_f % r])
             return
@@ -198,36 +216,80 @@ class MoraOperator:
         if q:
             _add_grouped(w[big:], rows[rem:], q)
 
+    def _add_tiled(self, w: torch.Tensor, m: torch.Tensor) -> None:
+        """Type 1: `delta[o, j] = M[o % r, j % r]`, plus `M[o % r, c + j]` on the first
+        `extra = n_blocks * r - in` columns (the wrapped positions, `c = r - extra`).
+
+        Added as broadcast views of `M` on `W`: no `[r, in]` or `[out, in]` temporary.
+        """
+        r, out_f, in_f = self.r_hat, self.out_features, self.in_features
+        full_c, rem_c = divmod(in_f, r)
+        full_r, rem_r = divmod(out_f, r)
+        extra = self.n_blocks * r - in_f
+
+        def add_row_tiled(cols: slice, x: torch.Tensor) -> None:  # x: [r, width]
+            part = w[:, cols]
+            if full_r:
+                part[: full_r * r].unflatten(0, (full_r, r)).add_(x)
+            if rem_r:
+                part[full_r * r:].add_(x[:rem_r])
+
+        if full_c:
+            x = m.unsqueeze(1)  # [r, 1, r] against [.., r, full_c, r]
+            part = w[:, : full_c * r]
+            if full_r:
+                part[: full_r * r].unflatten(1, (full_c, r)).unflatten(0, (full_r, r)).add_(x)
+            if rem_r:
+                part[full_r * r:].unflatten(1, (full_c, r)).add_(x[:rem_r])
+        if rem_c:
+            add_row_tiled(slice(full_c * r, in_f), m[:, :rem_c])
+        if extra:
+            add_row_tiled(slice(0, extra), m[:, r - extra:])
+
     def _add_block_diagonal(self, w: torch.Tensor, m: torch.Tensor, weight: float) -> None:
-        r, nb, in_f = self.r_hat, self.n_blocks, self.in_features
-        blocks = self.rotated_blocks(m)
+        """Type 6: row block `i` gets `M R_b` (b = i mod n_blocks) on input block `b`.
+
+        The blocks are built with 3 in-place ops, and every block that lies whole on the
+        diagonal is added by one op on a strided `[k, r, r]` view of `W`; only the ragged
+        last row block and the wrapped last column block are added one by one. Few ops
+        matter: on a busy machine each multi-threaded op can cost ~1 ms of scheduling.
+        """
+        r, nb, in_f, out_f = self.r_hat, self.n_blocks, self.in_features, self.out_features
+        h = r // 2
+        used = min(nb, -(-out_f // r))
+        cos, sin = rope_tables(r, nb)
+        cos, sin = cos[:used].to(m.dtype), sin[:used].to(m.dtype)
         if weight != 1.0:
-            blocks.mul_(weight)
+            m = m * weight
+        blocks = m * cos[:, None, :]  # [used, r, r] = M R_b
+        blocks[:, :, h:].addcmul_(m[:, :h], sin[:, None, :h], value=-1)
+        blocks[:, :, :h].addcmul_(m[:, h:], sin[:, None, h:])
         period = nb * r
-        for row0 in range(0, self.out_features, r):
-            b = (row0 % period) // r
-            rows = slice(row0, min(row0 + r, self.out_features))
-            blk = blocks[b][: rows.stop - rows.start]
-            # columns of block b: positions b*r .. b*r+r-1, feature = position mod in_f
-            col0 = b * r
-            if col0 + r <= in_f:
-                w[rows, col0: col0 + r].add_(blk)
-            else:
-                pos = torch.arange(col0, col0 + r) % in_f
-                w[rows].index_add_(1, pos, blk)
+        s0, s1 = w.stride()
+        whole_cols = min(in_f // r, used)  # blocks b < this need no column wrap
+        for row0 in range(0, out_f, period):
+            k = min(whole_cols, (out_f - row0) // r)
+            if k:
+                diag = w.as_strided((k, r, r), (r * (s0 + s1), s0, s1), w.storage_offset() + row0 * s0)
+                diag.add_(blocks[:k])
+            for b in range(k, used):
+                if row0 + b * r < out_f:
+                    self._add_block(w, blocks[b], b, row0 + b * r)
 
-
-def _add_tiled_strided(w: torch.Tensor, rows: torch.Tensor, full: int) -> None:
-    r = rows.shape[0]
-    for i in range(full):
-        w[i * r: (i + 1) * r].add_(rows)
+    def _add_block(self, w: torch.Tensor, blk: torch.Tensor, b: int, row0: int) -> None:
+        """`blk` onto rows row0.. and the columns of input block b (positions b*r .. b*r+r-1,
+        feature = position mod in_f), in contiguous column runs."""
+        r, in_f = self.r_hat, self.in_features
+        rows = slice(row0, min(row0 + r, self.out_features))
+        blk = blk[: rows.stop - rows.start]
+        k = 0
+        while k < r:
+            c = (b * r + k) % in_f
+            span = min(r - k, in_f - c)
+            w[rows, c: c + span].add_(blk[:, k: k + span])
+            k += span
 
 
 def _add_grouped(w: torch.Tensor, rows: torch.Tensor, size: int) -> None:
     """Add row `g` of `rows` to the `size` consecutive rows of group `g` of `w`."""
-    k, in_f = rows.shape
-    if w.is_contiguous():
-        w.view(k, size, in_f).add_(rows.unsqueeze(1))
-    else:
-        for g in range(k):
-            w[g * size: (g + 1) * size].add_(rows[g])
+    w.unflatten(0, (rows.shape[0], size)).add_(rows.unsqueeze(1))
