@@ -249,10 +249,11 @@ class MoraOperator:
     def _add_block_diagonal(self, w: torch.Tensor, m: torch.Tensor, weight: float) -> None:
         """Type 6: row block `i` gets `M R_b` (b = i mod n_blocks) on input block `b`.
 
-        The blocks are built with 3 in-place ops, and every block that lies whole on the
-        diagonal is added by one op on a strided `[k, r, r]` view of `W`; only the ragged
-        last row block and the wrapped last column block are added one by one. Few ops
-        matter: on a busy machine each multi-threaded op can cost ~1 ms of scheduling.
+        Every block that lies whole on the diagonal is updated in place through one strided
+        `[k, r, r]` view of `W` (three fused multiply-adds, no temporary); only the ragged
+        last row block and the wrapped last column block are built and added one by one.
+        Few ops and no large temporaries matter: on a busy machine each multi-threaded op
+        costs ~1 ms of scheduling, and fresh memory costs page faults.
         """
         r, nb, in_f, out_f = self.r_hat, self.n_blocks, self.in_features, self.out_features
         h = r // 2
@@ -261,20 +262,26 @@ class MoraOperator:
         cos, sin = cos[:used].to(m.dtype), sin[:used].to(m.dtype)
         if weight != 1.0:
             m = m * weight
-        blocks = m * cos[:, None, :]  # [used, r, r] = M R_b
-        blocks[:, :, h:].addcmul_(m[:, :h], sin[:, None, :h], value=-1)
-        blocks[:, :, :h].addcmul_(m[:, h:], sin[:, None, h:])
         period = nb * r
         s0, s1 = w.stride()
         whole_cols = min(in_f // r, used)  # blocks b < this need no column wrap
+        ragged: dict[int, torch.Tensor] = {}
         for row0 in range(0, out_f, period):
             k = min(whole_cols, (out_f - row0) // r)
             if k:
+                # diag[b] += M R_b, written straight into W: no [k, r, r] temporary
                 diag = w.as_strided((k, r, r), (r * (s0 + s1), s0, s1), w.storage_offset() + row0 * s0)
-                diag.add_(blocks[:k])
+                diag.addcmul_(m.unsqueeze(0), cos[:k, None, :])
+                diag[:, :, h:].addcmul_(m[:, :h].unsqueeze(0), sin[:k, None, :h], value=-1)
+                diag[:, :, :h].addcmul_(m[:, h:].unsqueeze(0), sin[:k, None, h:])
             for b in range(k, used):
                 if row0 + b * r < out_f:
-                    self._add_block(w, blocks[b], b, row0 + b * r)
+                    if b not in ragged:  # the same block recurs every period: build it once
+                        blk = m * cos[b]
+                        blk[:, h:].addcmul_(m[:, :h], sin[b, :h], value=-1)
+                        blk[:, :h].addcmul_(m[:, h:], sin[b, h:])
+                        ragged[b] = blk
+                    self._add_block(w, ragged[b], b, row0 + b * r)
 
     def _add_block(self, w: torch.Tensor, blk: torch.Tensor, b: int, row0: int) -> None:
         """`blk` onto rows row0.. and the columns of input block b (positions b*r .. b*r+r-1,
