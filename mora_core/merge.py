@@ -18,6 +18,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,15 @@ def apply_ops(w: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]], base: torch
 def finish(w: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
     """Cast the accumulated tensor once to `out_dtype` and refuse non-finite results."""
     out = w if w.dtype == out_dtype else w.to(out_dtype)
-    if not all_finite(out):
-        raise MergeError(f"merged tensor {name} is not finite in {str(out_dtype).replace('torch.', '')} "
-                         "(NaN or Inf; adapter weights too large for the dtype?)")
+    check_finite(out, name)
     return out
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise `MergeError` naming the tensor if any element is NaN or Inf."""
+    if not all_finite(t):
+        raise MergeError(f"merged tensor {name} is not finite in {str(t.dtype).replace('torch.', '')} "
+                         "(NaN or Inf; adapter weights too large for the dtype?)")
 
 
 def merge_tensor(
@@ -255,10 +261,12 @@ def merge_folder(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     done = 0
+    workspace = _Workspace(ACCUMULATE[accumulate])
+    syncing = ThreadPoolExecutor(max_workers=1)  # fsync of shard k overlaps work on shard k+1
+    pending = []
     try:
         names = _shard_names(len(layout))
         weight_map: dict[str, str] = {}
-        acc = ACCUMULATE[accumulate]
         for shard_name, shard in zip(names, layout):
             writer = StreamingSafetensorsWriter(tmp / shard_name, shard, metadata={"format": "pt"})
             try:
@@ -266,19 +274,21 @@ def merge_folder(
                     src_file, src_name = sources[planned.name]
                     info = src_file.tensors[src_name]
                     ops = plan.ops.get(planned.name, [])
-                    if not ops and planned.dtype == info.dtype:
-                        writer.copy_raw(src_name, src_file) if src_name == planned.name else \
-                            writer.write(planned.name, src_file.read(src_name))
+                    if not ops and planned.dtype == info.dtype and src_name == planned.name:
+                        writer.copy_raw(src_name, src_file)
                     else:
-                        writer.write(planned.name, _merge_streamed(src_file, src_name, ops, planned, acc))
+                        writer.write(planned.name, workspace.merge(src_file, src_name, ops, planned))
                     weight_map[planned.name] = shard_name
                     done += planned.nbytes
                     if progress:
                         progress(done, total_bytes, planned.name)
-                writer.close()
+                writer.close(sync=False)
             except BaseException:
                 writer.abort()
                 raise
+            pending.append(syncing.submit(writer.sync_and_close))
+        for job in pending:
+            job.result()
         if len(layout) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -289,8 +299,10 @@ def merge_folder(
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
+        syncing.shutdown(wait=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    syncing.shutdown(wait=True)
     return MergeReport(
         output=str(out),
         tensors_total=sum(len(s) for s in layout),
@@ -307,22 +319,45 @@ def merge_folder(
     )
 
 
-def _merge_streamed(src: SafetensorsFile, src_name: str, ops: Sequence[tuple[DeltaOp, float]],
-                    planned: PlannedTensor, acc: torch.dtype) -> torch.Tensor:
-    """Read, merge and cast one tensor, holding as few full-size copies as possible."""
-    out_dtype = torch_dtype(planned.dtype)
-    raw = src.read(src_name)
-    if not ops:
-        return raw.to(out_dtype)
-    # `raw` is our own fresh buffer: reuse it as the working copy when it already has the
-    # accumulation dtype, and drop it after conversion unless an op needs the original.
-    keep = needs_base(ops)
-    w = raw.to(acc, copy=keep)
-    base = raw if keep else None
-    del raw
-    apply_ops(w, ops, base)
-    del base
-    return finish(w, out_dtype, planned.name)
+class _Workspace:
+    """Buffers reused from tensor to tensor of a streaming merge.
+
+    Fresh memory costs a page fault per page (about as much as the merge arithmetic on
+    these machines), so the float32 working copy and the cast output live in buffers
+    that only grow; the base tensor itself is read in place through a short-lived memory
+    map. Peak: working copy + output + the mapped tensor, i.e. at most 4x the largest
+    merged tensor in bf16.
+    """
+
+    def __init__(self, accumulate: torch.dtype):
+        self.acc = accumulate
+        self._work = torch.empty(0, dtype=accumulate)
+        self._out = torch.empty(0, dtype=torch.uint8)
+
+    @staticmethod
+    def _grow(buf: torch.Tensor, numel: int) -> torch.Tensor:
+        return buf if buf.numel() >= numel else torch.empty(numel, dtype=buf.dtype)
+
+    def merge(self, src: SafetensorsFile, src_name: str, ops: Sequence[tuple[DeltaOp, float]],
+              planned: PlannedTensor) -> torch.Tensor:
+        """Read, merge and cast one tensor; the result is valid until the next call."""
+        info = src.tensors[src_name]
+        out_dtype = torch_dtype(planned.dtype)
+        out_bytes = info.numel * out_dtype.itemsize
+        self._out = self._grow(self._out, out_bytes)
+        out = self._out[:out_bytes].view(out_dtype).view(info.shape)
+        with src.mapped(src_name) as raw:
+            if not ops:
+                out.copy_(raw)
+                return out
+            self._work = self._grow(self._work, info.numel)
+            w = self._work[: info.numel].view(info.shape)
+            w.copy_(raw)
+            apply_ops(w, ops, raw if needs_base(ops) else None)
+            del raw
+        out.copy_(w)
+        check_finite(out, planned.name)
+        return out
 
 
 def _layout(base: BaseFolder, plan: MergePlan, dtype: str, max_shard_bytes: int | None):

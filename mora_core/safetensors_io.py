@@ -13,11 +13,12 @@ then the data buffer; offsets are relative to the start of the buffer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,12 +153,19 @@ class SafetensorsFile:
         """Tensor names in file order (by offset)."""
         return list(self.tensors)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh, owned memory (one positioned read, no mmap)."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor with one positioned read (no mmap).
+
+        Into fresh memory, or into `out` (a uint8 buffer of at least the tensor's size,
+        reused across calls by streaming merges: fresh memory costs a page fault per page).
+        """
         import torch
 
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if out is None:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        else:
+            buf = out.view(torch.uint8).reshape(-1)[: info.nbytes]
         if info.nbytes:
             view = memoryview(buf.numpy())
             with open(self.path, "rb", buffering=0) as fh:
@@ -169,6 +177,36 @@ class SafetensorsFile:
                         self._fail(f"tensor {name!r} is truncated")
                     got += k
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    @contextlib.contextmanager
+    def mapped(self, name: str) -> Iterator[torch.Tensor]:
+        """One tensor as a view of a private memory map of just its bytes, unmapped on exit.
+
+        Reading through it costs no copy (the page cache is read in place), and the pages
+        leave the process's RSS when the block ends, so a streaming merge stays at one
+        tensor. The caller must not keep the tensor (or views of it) past the block.
+        """
+        import mmap
+
+        import torch
+
+        info = self.tensors[name]
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            yield torch.empty(info.shape, dtype=dtype)
+            return
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
+        if info.begin % DTYPE_SIZES[info.dtype]:
+            raw = raw.clone()  # unaligned (non-standard writer)
+        try:
+            yield raw.view(dtype).reshape(info.shape)
+        finally:
+            del raw
+            with contextlib.suppress(BufferError):  # a view escaped: unmapped when collected
+                mm.close()
 
     def map_all(self) -> dict[str, torch.Tensor]:
         """Every tensor as a view of one private (copy-on-write) memory map of the file.
@@ -272,11 +310,17 @@ class StreamingSafetensorsWriter:
         # the kernel advanced the fd offset; keep the Python object in step
         self._fh.seek(0, os.SEEK_END)
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Finish the file; `sync=False` leaves the fsync to the caller (see `sync_and_close`)."""
         if self._next != len(self._plan):
             self._fh.close()
             raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
         self._fh.flush()
+        if sync:
+            self.sync_and_close()
+
+    def sync_and_close(self) -> None:
+        """fsync and close (safe to run in a worker thread: the GIL is released in fsync)."""
         os.fsync(self._fh.fileno())
         self._fh.close()
 
@@ -307,14 +351,13 @@ def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
 def all_finite(t: torch.Tensor) -> bool:
     """True if no element is NaN or Inf.
 
-    One reduction first: a finite sum proves every element finite (NaN and Inf always
-    propagate into a sum), so the elementwise check runs only when the sum is not finite
-    (a real NaN/Inf, or an overflowing sum of large finite values).
+    `aminmax` in the tensor's own dtype: NaN propagates to both ends and an infinity is
+    an end, so two finite ends prove every element finite; it is one read of the tensor,
+    where `isfinite(t).all()` materialises a boolean tensor (~30x slower on bf16 here).
     """
     import torch
 
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
