@@ -178,6 +178,10 @@ class SafetensorsFile:
                     got += k
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor in fresh, owned memory (for files loaded whole, e.g. small models)."""
+        return {n: self.read(n) for n in self.tensors}
+
     @contextlib.contextmanager
     def mapped(self, name: str) -> Iterator[torch.Tensor]:
         """One tensor as a view of a private memory map of just its bytes, unmapped on exit.
