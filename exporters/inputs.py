@@ -8,12 +8,12 @@ unless the user allows it.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporters.digests import sha256_file
 from mora_core.adapter import Adapter, load_adapter
 from mora_core.errors import MergeError
 
@@ -55,14 +55,6 @@ def resolve_adapters(args: tuple[str, ...] | list[str], base_dir: Path, home: Pa
         folder = registry.materialize(version.ref)
         out.append(ResolvedAdapter(arg, load_adapter(folder, label=version.ref), version.ref, version))
     return out
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:
@@ -114,4 +106,4 @@ def _folder_digest(adapter: Adapter) -> str | None:
     if adapter.path is None:
         return None
     p = Path(adapter.path) / "adapter_model.safetensors"
-    return "sha256:" + sha256_file(p) if p.is_file() else None
+    return sha256_file(p) if p.is_file() else None

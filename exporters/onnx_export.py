@@ -26,7 +26,6 @@ that while producing a smaller graph to serve.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from exporters.digests import sha256_file
 from exporters.errors import ExportError
 from exporters.hf_model import (
     OUTPUT_NAME,
@@ -299,14 +299,6 @@ def _copy_side_files(base_dir: Path, dest: Path, untied: dict[str, str]) -> None
         cfg = json.loads(cfg_path.read_text())
         cfg["tie_word_embeddings"] = False
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def _recipe(folder: Path, config, task: str, adapters: Sequence[Adapter], weights: Sequence[float],

@@ -9,13 +9,11 @@ real `peft` with `init_lora_weights=False` so that B is non-zero.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from mora_core.mora import mora_rank
+from tests.mora_fixtures import write_mora_adapter as write_mora_folder
 
 VOCAB = 96
 HIDDEN = 32
@@ -95,19 +93,8 @@ def linear_shapes(kind: str, layers: int = 2, with_lm_head: bool = False) -> dic
 def write_mora_adapter(folder: Path, shapes: dict[str, tuple[int, int]], mora_type: int = 1, r: int = 8,
                        seed: int = 1, scale: float = 0.05, fan_in_fan_out: bool = False) -> Path:
     """A MoRA folder: `lora_A.weight == lora_B.weight == M` (`r_hat x r_hat`) per module."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module, (in_f, out_f) in shapes.items():
-        rh = mora_rank(in_f, out_f, r, mora_type)
-        m = torch.randn(rh, rh, generator=g) * scale
-        tensors[f"base_model.model.{module}.lora_A.weight"] = m
-        tensors[f"base_model.model.{module}.lora_B.weight"] = m.clone()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "use_mora": True, "mora_type": mora_type, "r": r, "lora_alpha": 16,
-           "target_modules": sorted({m.rsplit(".", 1)[-1] for m in shapes}), "fan_in_fan_out": fan_in_fan_out,
-           "bias": "none", "task_type": "CAUSAL_LM"}
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    write_mora_folder(folder, shapes, r=r, mora_type=mora_type, seed=seed, scale=scale,
+                      fan_in_fan_out=fan_in_fan_out)
     return folder
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from exporters.digests import sha256_file
 from exporters.errors import ExportError
-from exporters.onnx_export import export_merged_onnx, sha256_file
+from exporters.onnx_export import export_merged_onnx
 from exporters.providers import open_session
 from mora_core.adapter import load_adapter
 from registry.cli_common import CheckFailed
