@@ -143,26 +143,33 @@ def _hash_mapped(mm: mmap.mmap, size: int) -> str:
     return sha256_name(h.hexdigest())
 
 
-def _copy(src, dst, progress: Progress | None) -> tuple[str, int]:
+def _copy(src, dst, progress: Progress | None, sync: bool = False) -> tuple[str, int]:
     """Copy src -> dst and return (digest, size), reading the source once.
 
     Linux: the kernel copies (sendfile, as a plain `cp` does) while a second thread hashes
     the same pages through a read-only mapping; elsewhere, or if that is refused, the
     chunked `_pump`. Either way no byte is read twice from storage.
+
+    With `sync`, dst is also fsynced before returning. The kernel copy is about twice as
+    fast as the hash, so the fsync starts as soon as the copy is done and runs while the
+    hash finishes: the write-back overlaps the hashing instead of following it (on a
+    1 GiB file this is the difference between copy+fsync and hash+fsync in a row and
+    about the time of a plain copy).
     """
     size = os.fstat(src.fileno()).st_size
     if size == 0 or not hasattr(os, "sendfile"):
-        return _pump(src, dst, progress)
+        return _pump_synced(src, dst, progress, sync)
     try:
         mm = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
-        return _pump(src, dst, progress)
+        return _pump_synced(src, dst, progress, sync)
     fallback = False
     try:
         with contextlib.suppress(AttributeError, OSError):
             mm.madvise(mmap.MADV_SEQUENTIAL)
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2 if sync else 1) as pool:
             digest_future = pool.submit(_hash_mapped, mm, size)
+            sync_future = None
             off = 0
             try:
                 while off < size:
@@ -176,7 +183,11 @@ def _copy(src, dst, progress: Progress | None) -> tuple[str, int]:
                 if off:
                     raise
                 fallback = True  # sendfile refused between these files: copy by hand
+            if sync and not fallback:
+                sync_future = pool.submit(os.fsync, dst.fileno())  # write-back overlaps the hash
             digest = digest_future.result()
+            if sync_future is not None:
+                sync_future.result()
     finally:
         with contextlib.suppress(BufferError):
             mm.close()
@@ -184,8 +195,15 @@ def _copy(src, dst, progress: Progress | None) -> tuple[str, int]:
         src.seek(0)
         dst.seek(0)
         dst.truncate()
-        return _pump(src, dst, progress)
+        return _pump_synced(src, dst, progress, sync)
     return digest, size
+
+
+def _pump_synced(src, dst, progress: Progress | None, sync: bool) -> tuple[str, int]:
+    result = _pump(src, dst, progress)
+    if sync:
+        os.fsync(dst.fileno())
+    return result
 
 
 def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
@@ -230,12 +248,16 @@ class BlobStore:
         return tmp, fd
 
     def stage(self, source: Path, progress: Progress | None = None) -> Staged:
-        """Copy `source` into a locked temp file while hashing it (not yet fsynced or visible)."""
+        """Copy `source` into a locked temp file while hashing it (fsynced, not yet visible).
+
+        The fsync overlaps the end of the hashing (see `_copy`); `make_durable` still syncs
+        before anything is published, which then costs next to nothing.
+        """
         tmp, fd = self._new_tmp()
         try:
             with open(source, "rb", buffering=0) as src, os.fdopen(os.dup(fd), "wb", buffering=0) as dst:
                 before = os.fstat(src.fileno())
-                digest, size = _copy(src, dst, progress)
+                digest, size = _copy(src, dst, progress, sync=True)
                 after = os.stat(source)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != before.st_size:
                 raise RegistryError(f"{source}: changed while it was being pushed; push it again")
@@ -301,9 +323,7 @@ class BlobStore:
         except FileNotFoundError:
             raise IntegrityError(f"blob {digest} is missing from {self.objects}") from None
         with src, open(dest, "wb", buffering=0) as dst:
-            got, size = _copy(src, dst, progress)
-            dst.flush()
-            os.fsync(dst.fileno())
+            got, size = _copy(src, dst, progress, sync=True)  # fsynced, overlapping the hash
         if got != digest:
             dest.unlink()
             raise IntegrityError(f"blob {digest} is corrupt (its bytes hash to {got})")
