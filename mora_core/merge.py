@@ -330,7 +330,6 @@ class _Workspace:
     """
 
     def __init__(self, accumulate: torch.dtype):
-        self.acc = accumulate
         self._work = torch.empty(0, dtype=accumulate)
         self._out = torch.empty(0, dtype=torch.uint8)
 
