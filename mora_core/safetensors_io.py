@@ -149,23 +149,12 @@ class SafetensorsFile:
             self._fail(f"tensor {name!r}: shape {list(shape)} x {code} does not match its {e - b} bytes")
         return TensorInfo(name, code, shape, data_start + b, data_start + e)
 
-    def names(self) -> list[str]:
-        """Tensor names in file order (by offset)."""
-        return list(self.tensors)
-
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor with one positioned read (no mmap).
-
-        Into fresh memory, or into `out` (a uint8 buffer of at least the tensor's size,
-        reused across calls by streaming merges: fresh memory costs a page fault per page).
-        """
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh, owned memory (one positioned read, no mmap)."""
         import torch
 
         info = self.tensors[name]
-        if out is None:
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        else:
-            buf = out.view(torch.uint8).reshape(-1)[: info.nbytes]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             view = memoryview(buf.numpy())
             with open(self.path, "rb", buffering=0) as fh:
@@ -195,20 +184,17 @@ class SafetensorsFile:
         import torch
 
         info = self.tensors[name]
-        dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
-            yield torch.empty(info.shape, dtype=dtype)
+            yield torch.empty(info.shape, dtype=torch_dtype(info.dtype))
             return
         start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
-        if info.begin % DTYPE_SIZES[info.dtype]:
-            raw = raw.clone()  # unaligned (non-standard writer)
+        tensor = _view_in_map(mm, info, start)
         try:
-            yield raw.view(dtype).reshape(info.shape)
+            yield tensor
         finally:
-            del raw
+            del tensor
             with contextlib.suppress(BufferError):  # a view escaped: unmapped when collected
                 mm.close()
 
@@ -226,17 +212,22 @@ class SafetensorsFile:
             return {}
         with open(self.path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        out = {}
-        for name, info in self.tensors.items():
-            dtype = torch_dtype(info.dtype)
-            if info.nbytes == 0:
-                out[name] = torch.empty(info.shape, dtype=dtype)
-                continue
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
-            if info.begin % DTYPE_SIZES[info.dtype]:  # unaligned (non-standard writer): copy
-                raw = raw.clone()
-            out[name] = raw.view(dtype).reshape(info.shape)
-        return out
+        return {name: _view_in_map(mm, info, 0) if info.nbytes else
+                torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+                for name, info in self.tensors.items()}
+
+
+def _view_in_map(mm: Any, info: TensorInfo, map_start: int) -> torch.Tensor:
+    """The tensor `info` describes, as a view of `mm` (a map of the file from `map_start`).
+
+    Copied instead when a non-standard writer left it unaligned for its dtype.
+    """
+    import torch
+
+    raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - map_start)
+    if info.begin % DTYPE_SIZES[info.dtype]:
+        raw = raw.clone()
+    return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -333,6 +324,7 @@ class StreamingSafetensorsWriter:
 
 
 def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
+    """Append `count` bytes of `fd_in` from `offset` to `fd_out`: in the kernel when it can."""
     copy_file_range = getattr(os, "copy_file_range", None)
     done = 0
     while done < count:
@@ -347,7 +339,9 @@ def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
             chunk = os.pread(fd_in, min(n, 16 << 20), offset + done)
             if not chunk:
                 raise OSError(f"unexpected end of file copying {count} bytes")
-            os.write(fd_out, chunk)
+            view = memoryview(chunk)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd_out, view):]
             k = len(chunk)
         done += k
 
