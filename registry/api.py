@@ -18,7 +18,7 @@ import os
 import secrets
 import shutil
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -300,15 +300,11 @@ class Registry:
                 raise RegistryError(f"unknown alias {text!r}")
             return s.get(Version, a.version_id)
         if r.digest_prefix is not None:
-            rows = s.scalars(select(Version).where(Version.name_id == nm.id,
-                                                   Version.digest.startswith("sha256:" + r.digest_prefix))
-                             .limit(2)).all()
-            if not rows:
-                raise RegistryError(f"no version of {r.name!r} has digest sha256:{r.digest_prefix}...")
-            if len(rows) > 1:
-                raise RegistryError(f"reference {text!r} is ambiguous ({rows[0].number}, {rows[1].number}, ...): "
-                                    "give more digits")
-            return rows[0]
+            return _one_by_digest(
+                s, select(Version).where(Version.name_id == nm.id), Version.digest, r.digest_prefix,
+                missing=f"no version of {r.name!r} has digest sha256:{r.digest_prefix}...",
+                ambiguous=lambda a, b: f"reference {text!r} is ambiguous ({a.number}, {b.number}, ...): "
+                                       "give more digits")
         v = s.scalar(select(Version).where(Version.name_id == nm.id).order_by(Version.number.desc()).limit(1))
         if v is None:
             raise RegistryError(f"adapter {r.name!r} has no versions")
@@ -568,14 +564,10 @@ class Registry:
             if a is None:
                 raise RegistryError(f"unknown artifact {ref!r}")
             return a
-        rows = s.scalars(select(Artifact).where(Artifact.digest.startswith("sha256:" + r.digest_prefix))
-                         .limit(2)).all()
-        if not rows:
-            raise RegistryError(f"unknown artifact {ref!r}")
-        if len(rows) > 1:
-            raise RegistryError(f"reference {ref!r} is ambiguous (artifact:{rows[0].id}, artifact:{rows[1].id}): "
-                                "give more digits")
-        return rows[0]
+        return _one_by_digest(
+            s, select(Artifact), Artifact.digest, r.digest_prefix, missing=f"unknown artifact {ref!r}",
+            ambiguous=lambda a, b: f"reference {ref!r} is ambiguous (artifact:{a.id}, artifact:{b.id}): "
+                                   "give more digits")
 
     def artifact(self, ref: str) -> ArtifactInfo:
         with self._read() as s:
@@ -766,6 +758,17 @@ class Registry:
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)
         return freed
+
+
+def _one_by_digest(s: Session, query: Any, column: Any, prefix: str, *, missing: str,
+                   ambiguous: Callable[[Any, Any], str]) -> Any:
+    """The single row of `query` whose `column` starts with `sha256:<prefix>`, or a one-line error."""
+    rows = s.scalars(query.where(column.startswith("sha256:" + prefix)).limit(2)).all()
+    if not rows:
+        raise RegistryError(missing)
+    if len(rows) > 1:
+        raise RegistryError(ambiguous(rows[0], rows[1]))
+    return rows[0]
 
 
 def _alive(pid: int) -> bool:
