@@ -134,16 +134,3 @@ def load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) ->
     with torch.no_grad():
         for name, value in tensors.items():
             state[name].copy_(value)
-
-
-class ExportWrapper(torch.nn.Module):
-    """`(input_ids, attention_mask) -> logits | last_hidden_state`: the graph's signature."""
-
-    def __init__(self, model: torch.nn.Module, task: str):
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        return out.logits if self.task == "causal-lm" else out.last_hidden_state

@@ -13,25 +13,18 @@ Either comparison outside `atol + rtol*|ref|` raises `CheckFailed` and leaves no
 `out_dir`: everything is built in a temporary folder beside it and renamed into place only
 after validation passed.
 
-Exporter path: `torch.onnx.export(dynamo=True, optimize=True)` with `torch.export.Dim`
-dynamic shapes. The TorchScript exporter (`dynamo=False`) was tried first and rejected:
-its traces of GPT-2 and BERT bake the example's sequence length into the attention-mask
-arithmetic, so the graph loads with symbolic axes yet returns wrong values at other
-lengths (max diff 0.26 on GPT-2 logits, 3.2 on BERT hidden states at seq 33 vs the
-traced 7). The dynamo exporter gave ~1e-7 on Llama, GPT-2 and BERT at every tested
-shape, and `optimize=True` (onnxscript's optimizer: constant folding, dead code) keeps
-that while producing a smaller graph to serve.
+This module is the orchestration only: arguments, merge, temp folder, recipe, rename.
+The graph itself is written by `exporters.onnx_graph.export_graph` and checked by
+`exporters.onnx_validation.validate_graph`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,33 +35,32 @@ from exporters.digests import sha256_file
 from exporters.errors import ExportError
 from exporters.hf_model import (
     OUTPUT_NAME,
-    PADDING_SIDE,
     BaseWeights,
-    ExportWrapper,
     build_model,
     load_config,
     load_weights,
-    max_positions,
     read_base_weights,
     task_of,
 )
+from exporters.onnx_graph import (
+    MAX_OPSET,
+    MIN_OPSET,
+    ONNX_DTYPES,
+    GraphSpec,
+    export_graph,
+    plain_spec,
+)
 from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
-from exporters.providers import choose_provider, open_session, really_used
-from exporters.validate import Case, compare, failure_line, make_cases, tolerances
+from exporters.onnx_validation import validate_graph
+from exporters.providers import choose_provider
+from exporters.validate import tolerances
 from mora_core.adapter import Adapter
-from mora_core.forward import apply_unmerged
 from mora_core.merge import merge_state_dict
 from registry.cli_common import CheckFailed
 
-INPUT_NAMES = ["input_ids", "attention_mask"]
-ONNX_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # weights above this go to external data (protobuf refuses messages over 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
-VALIDATION_MAX_LEN = 64
-# torch's dynamo exporter emits opset 18+; asking for less converts down, and at 17 that
-# conversion produced graphs ONNX Runtime rejects (Split), at 14 it silently kept 18
-MIN_OPSET, MAX_OPSET = 18, 23
 SIDE_FILE_MAX_BYTES = 64 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -137,23 +129,22 @@ def export_merged_onnx(
         t = time.perf_counter()
         n_bytes = total // (2 if dtype == "float16" else 1)
         use_external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
-        _export(model, task, config.model_type, dtype, opset, tmp / GRAPH_NAME, use_external)
-        real_opset = _graph_opset(tmp / GRAPH_NAME)
+        spec = plain_spec(task)
+        real_opset = export_graph(model, spec, dtype, opset, tmp / GRAPH_NAME, use_external)
         seconds["export"] = round(time.perf_counter() - t, 3)
         _progress(progress, total, 2, "exported; validating")
 
         validation = None
         if validate:
             t = time.perf_counter()
-            validation = _validate(tmp / GRAPH_NAME, model, restore, adapters, weights, config, task,
-                                   chosen, provider, atol_v, rtol_v, dtype)
+            validation = validate_graph(tmp / GRAPH_NAME, model, restore, adapters, weights, task,
+                                        chosen, provider, atol_v, rtol_v, dtype)
             seconds["validation"] = round(time.perf_counter() - t, 3)
             if not validation["passed"]:
-                failed = next(c for c in validation["comparisons"].values() if not c["passed"])
-                raise CheckFailed(failure_line(failed, validation["provider"], atol_v, rtol_v))
+                raise CheckFailed(validation["failure"])
 
         _copy_side_files(base_dir, tmp, untied)
-        recipe = _recipe(tmp, config, task, adapters, weights, dtype, accumulate, real_opset, untied,
+        recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
                          base, validation)
         (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
         if out_dir.exists():
@@ -197,95 +188,6 @@ def _progress(fn: ProgressFn | None, total: int, stage: int, what: str) -> None:
         fn(total * stage // 3, total, what)
 
 
-def _export(model: torch.nn.Module, task: str, model_type: str, dtype: str, opset: int | None,
-            path: Path, external: bool) -> None:
-    """Run the dynamo exporter with dynamic batch and sequence axes; save graph (+ data)."""
-    export_model = model if dtype == "float32" else copy.deepcopy(model).to(ONNX_DTYPES[dtype])
-    wrapper = ExportWrapper(export_model, task).eval()
-    seq = min(8, max_positions(model.config))
-    example = (torch.ones(2, seq, dtype=torch.long), torch.ones(2, seq, dtype=torch.long))
-    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = {"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: seq_dim}}
-    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in quiet]
-    try:
-        for lg in quiet:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapper, example, None, input_names=INPUT_NAMES, output_names=[OUTPUT_NAME[task]],
-                opset_version=opset, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
-            program.save(str(path), external_data=external)
-        import onnx
-
-        onnx.checker.check_model(str(path))  # by path: works past the 2 GB protobuf limit
-    except ExportError:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ExportError(f"architecture {model_type}: torch.onnx.export failed "
-                          f"({type(exc).__name__}: {first})") from None
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
-
-
-def _graph_opset(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _validate(graph: Path, model: torch.nn.Module, restore: dict[str, torch.Tensor],
-              adapters: Sequence[Adapter], weights: Sequence[float], config, task: str, provider: str,
-              requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
-    """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
-
-    `model` holds the merged weights; `restore` maps every tensor the merge changed (and
-    every untied alias) to its base value, for the unmerged reference.
-    """
-    out_name = OUTPUT_NAME[task]
-    cases = make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
-    try:
-        session = open_session(graph, provider)
-        outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask})[0]
-                   for c in cases]
-    except Exception as exc:  # the graph does not load or run: that is a failed check too
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckFailed(f"validation failed on {provider}: ONNX Runtime cannot run the exported graph "
-                          f"({type(exc).__name__}: {first}); nothing was written") from None
-    used, chain = really_used(session)
-    del session
-    wrapper = ExportWrapper(model, task).eval()
-
-    def torch_run(case: Case):
-        with torch.no_grad():
-            return wrapper(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
-
-    comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol)}
-    # the same module, back to the base weights, with the adapters as unmerged branches
-    load_weights(model, restore)
-    with apply_unmerged(model, adapters, weights):
-        comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
-                                                  torch_run, atol, rtol)
-    return {
-        "provider": used,
-        "requested_provider": requested,
-        "session_providers": list(chain),
-        "passed": all(c["passed"] for c in comparisons.values()),
-        "max_abs_diff": max(c["max_abs_diff"] for c in comparisons.values()),
-        "max_rel_diff": max(c["max_rel_diff"] for c in comparisons.values()),
-        "atol": atol,
-        "rtol": rtol,
-        "graph_dtype": dtype,
-        "reference_dtype": "float32",
-        "criterion": "|onnx - ref| <= atol + rtol*|ref| on token positions (attention_mask == 1)",
-        "comparisons": comparisons,
-    }
-
-
 def _copy_side_files(base_dir: Path, dest: Path, untied: dict[str, str]) -> None:
     """config.json, tokenizer and generation files travel with the graph (`adapters run --text`)."""
     for p in sorted(base_dir.iterdir()):
@@ -301,7 +203,7 @@ def _copy_side_files(base_dir: Path, dest: Path, untied: dict[str, str]) -> None
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _recipe(folder: Path, config, task: str, adapters: Sequence[Adapter], weights: Sequence[float],
+def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], weights: Sequence[float],
             dtype: str, accumulate: str, opset: int, untied: dict[str, str], base: BaseWeights,
             validation: dict[str, Any] | None) -> dict[str, Any]:
     """export.json: how this graph was made, enough to make it again and to check it."""
@@ -312,6 +214,7 @@ def _recipe(folder: Path, config, task: str, adapters: Sequence[Adapter], weight
         p = folder / name
         if p.is_file():
             files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    task = spec.task
     out_name = OUTPUT_NAME[task]
     return {
         "format": "onnx",
@@ -321,7 +224,7 @@ def _recipe(folder: Path, config, task: str, adapters: Sequence[Adapter], weight
         "model_type": config.model_type,
         "architectures": list(getattr(config, "architectures", None) or []),
         "task": task,
-        "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUT_NAMES},
+        "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in spec.input_names},
         "outputs": {out_name: {"dtype": dtype, "shape": ["batch", "sequence",
                                                          "vocab" if task == "causal-lm" else "hidden"]}},
         "kv_cache": False,

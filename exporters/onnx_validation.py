@@ -1,0 +1,88 @@
+"""Validation of an exported graph: run it on ONNX Runtime, compare with two PyTorch references.
+
+1. the merged PyTorch model: proves the export;
+2. the *base* model with the adapters applied unmerged (`mora_core.forward.apply_unmerged`):
+   proves the merge itself.
+
+`validate_graph` never raises for a graph that is wrong or cannot run: it returns a
+report whose `passed` is False and whose `failure` is the one line to show; the caller
+decides what a failed check means (the exporter refuses to write anything).
+Numerics (cases, criterion, per-case statistics) live in `exporters.validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, load_weights, max_positions
+from exporters.onnx_graph import PlainWrapper
+from exporters.providers import open_session, really_used
+from exporters.validate import Case, compare, failure_line, make_cases
+from mora_core.adapter import Adapter
+from mora_core.forward import apply_unmerged
+
+VALIDATION_MAX_LEN = 64
+CRITERION = "|onnx - ref| <= atol + rtol*|ref| on token positions (attention_mask == 1)"
+
+
+def _cannot_run(provider: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (f"validation failed on {provider}: ONNX Runtime cannot run the exported graph "
+            f"({type(exc).__name__}: {first}); nothing was written")
+
+
+def validate_graph(graph: Path, model: torch.nn.Module, restore: Mapping[str, torch.Tensor],
+                   adapters: Sequence[Adapter], weights: Sequence[float], task: str, provider: str,
+                   requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
+    """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
+
+    `model` holds the merged weights (float32); `restore` maps every tensor the merge
+    changed (and every untied alias) to its base value, for the unmerged reference. On
+    return `model` holds the base weights. The report is JSON-able.
+    """
+    config = model.config
+    out_name = OUTPUT_NAME[task]
+    cases = make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
+    try:
+        session = open_session(graph, provider)
+        outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask})[0]
+                   for c in cases]
+    except Exception as exc:  # the graph does not load or run: that is a failed check too
+        return {"passed": False, "provider": provider, "requested_provider": requested,
+                "failure": _cannot_run(provider, exc)}
+    used, chain = really_used(session)
+    del session
+    wrapper = PlainWrapper(model, task).eval()
+
+    def torch_run(case: Case):
+        with torch.no_grad():
+            return wrapper(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
+
+    comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol)}
+    # the same module, back to the base weights, with the adapters as unmerged branches
+    load_weights(model, restore)
+    with apply_unmerged(model, adapters, weights):
+        comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
+                                                  torch_run, atol, rtol)
+    report: dict[str, Any] = {
+        "provider": used,
+        "requested_provider": requested,
+        "session_providers": list(chain),
+        "passed": all(c["passed"] for c in comparisons.values()),
+        "max_abs_diff": max(c["max_abs_diff"] for c in comparisons.values()),
+        "max_rel_diff": max(c["max_rel_diff"] for c in comparisons.values()),
+        "atol": atol,
+        "rtol": rtol,
+        "graph_dtype": dtype,
+        "reference_dtype": "float32",
+        "criterion": CRITERION,
+        "comparisons": comparisons,
+    }
+    if not report["passed"]:
+        failed = next(c for c in comparisons.values() if not c["passed"])
+        report["failure"] = failure_line(failed, used, atol, rtol)
+    return report
