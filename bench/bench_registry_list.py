@@ -85,7 +85,7 @@ def main() -> None:
         env = dict(os.environ, ADAPTERS_HOME=str(home))
         env.pop("ADAPTERS_DB_URL", None)
         adapters = shutil.which("adapters") or ""
-        cli = [adapters] if adapters else [sys.executable, "-m", "registry.cli"]
+        cli = [adapters] if adapters else [sys.executable, "-m", "adapters_cli"]
         out = subprocess.run([*cli, "list", "--json", "--limit", "0"], env=env, check=True,
                              capture_output=True, text=True).stdout
         import json
@@ -112,7 +112,7 @@ def main() -> None:
                                               f"+ {best[k] - best['floor']:.3f} s (best)")
             print(f"  {k:<22} {med[k]:7.3f}s {best[k]:7.3f}s{extra}")
         probe = ("import sys, time; import sqlalchemy.orm, click; t = time.perf_counter(); "
-                 "from registry.cli import main; main(['list', '--json']); "
+                 "from adapters_cli.main import main; main(['list', '--json']); "
                  "print(time.perf_counter() - t, file=sys.stderr)")
         inc = []
         for _ in range(args.runs):

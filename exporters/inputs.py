@@ -9,6 +9,7 @@ unless the user allows it.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,29 +31,21 @@ class ResolvedAdapter:
                 "from": "registry" if self.version is not None else "folder"}
 
 
-def _open_registry(home: Path | None):
-    from registry.api import Registry
-
-    return Registry.open(home)
-
-
-def resolve_adapters(args: tuple[str, ...] | list[str], base_dir: Path, home: Path | None,
+def resolve_adapters(args: Sequence[str], base_dir: Path, registry: Callable[[], Any],
                      allow_base_mismatch: bool) -> list[ResolvedAdapter]:
+    """Load each argument: a folder as it is, a reference through `registry()` (opened on demand)."""
     out: list[ResolvedAdapter] = []
-    registry = None
     for arg in args:
         path = Path(arg)
         if path.is_dir():
             out.append(ResolvedAdapter(arg, load_adapter(path), str(path), None))
             continue
-        if registry is None:
-            registry = _open_registry(home)
-        version = registry.resolve(arg)
-        mismatches = registry.check_base(version.ref, base_dir)
+        version = registry().resolve(arg)
+        mismatches = registry().check_base(version.ref, base_dir)
         if mismatches and not allow_base_mismatch:
             raise MergeError(f"{version.ref} was pushed for another base than {base_dir}: {mismatches[0]} "
                              "(use --allow-base-mismatch to merge anyway)")
-        folder = registry.materialize(version.ref)
+        folder = registry().materialize(version.ref)
         out.append(ResolvedAdapter(arg, load_adapter(folder, label=version.ref), version.ref, version))
     return out
 
@@ -70,7 +63,7 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def register_output(home: Path | None, kind: str, out_dir: Path, base_dir: Path,
+def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
                     resolved: list[ResolvedAdapter], weights: list[float], dtype: str, accumulate: str,
                     summary: dict[str, Any]) -> dict[str, Any]:
     """Record the output as an artifact whose lineage points at every input version."""
@@ -96,7 +89,6 @@ def register_output(home: Path | None, kind: str, out_dir: Path, base_dir: Path,
         if key in summary:
             recipe[key] = summary[key]
     inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]
-    registry = _open_registry(home)
     info = registry.register_artifact(kind=kind, path=out_dir, recipe=recipe, inputs=inputs,
                                       report=summary.get("validation"))
     return info.to_dict()

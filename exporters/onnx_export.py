@@ -9,7 +9,7 @@ padding included:
 2. the base model with the adapters applied *unmerged* (`mora_core.forward`): proves the
    merge itself.
 
-Either comparison outside `atol + rtol*|ref|` raises `CheckFailed` and leaves nothing at
+Either comparison outside `atol + rtol*|ref|` raises `ValidationFailed` and leaves nothing at
 `out_dir`: everything is built in a temporary folder beside it and renamed into place only
 after validation passed.
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from exporters.digests import sha256_file
-from exporters.errors import ExportError
+from exporters.errors import ExportError, ValidationFailed
 from exporters.hf_model import (
     OUTPUT_NAME,
     BaseWeights,
@@ -56,7 +56,6 @@ from exporters.providers import choose_provider
 from exporters.validate import tolerances
 from mora_core.adapter import Adapter
 from mora_core.merge import merge_state_dict
-from registry.cli_common import CheckFailed
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # weights above this go to external data (protobuf refuses messages over 2 GB)
@@ -91,7 +90,7 @@ def export_merged_onnx(
     (above 1 GiB of weights), True/False forces it.
 
     Raises `ExportError`/`MergeError` (one line naming the input) for bad input and
-    `CheckFailed` when validation fails; in both cases nothing exists at `out_dir`.
+    `ValidationFailed` when validation fails; in both cases nothing exists at `out_dir`.
     """
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -141,7 +140,7 @@ def export_merged_onnx(
                                         chosen, provider, atol_v, rtol_v, dtype)
             seconds["validation"] = round(time.perf_counter() - t, 3)
             if not validation["passed"]:
-                raise CheckFailed(validation["failure"])
+                raise ValidationFailed(validation["failure"])
 
         _copy_side_files(base_dir, tmp, untied)
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,

@@ -1,4 +1,4 @@
-"""Shared fixtures. No torch import at module level (registry tests must not need it).
+"""Shared fixtures (builders of files live in tests/builders.py, the CLI runner in tests/cli_runner.py).
 
 - `pg_server` (session): a real PostgreSQL server started on 127.0.0.1 from the Debian
   binaries (as the `postgres` user when running as root); skipped with a reason if absent.
@@ -6,22 +6,19 @@
   else the URL of a fresh, already-migrated PostgreSQL database for this test.
 - `registry_home`, `reg`: a fresh home and a `Registry` opened on it with `db_url`.
 - `make_adapter`: writes real LoRA/MoRA adapter folders (safetensors + adapter_config.json).
-- `run_cli`: runs `adapters ...` in-process against the test's store.
+- `run_cli`: runs `adapters ...` in-process against the test's store (tests.cli_runner.invoke).
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
-import json
-import math
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -130,42 +127,12 @@ def store_env(registry_home: Path, db_url: str | None) -> dict[str, str]:
     return env
 
 
-# ----------------------------------------------------------------------------- adapters on disk
-
-
-def write_adapter(folder: Path, *, kind: str = "lora", r: int = 4, seed: int = 0, modules: int = 2,
-                  dim: int = 16, mora_type: int = 1, scale: float = 0.1) -> Path:
-    """A real PEFT adapter folder: LoRA (A [r,in], B [out,r]) or MoRA (two identical r_hat^2 copies)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(modules):
-        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
-        if kind == "mora":
-            rh = int(math.sqrt((dim + dim) * r) + 0.5)
-            if mora_type == 6:
-                rh -= rh % 2
-            m = (rng.standard_normal((rh, rh)) * scale).astype(np.float32)
-            tensors[f"{prefix}.lora_A.weight"] = m
-            tensors[f"{prefix}.lora_B.weight"] = m.copy()
-        else:
-            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((r, dim)) * scale).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((dim, r)) * scale).astype(np.float32)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"],
-           "task_type": "CAUSAL_LM", "base_model_name_or_path": None}
-    if kind == "mora":
-        cfg.update(use_mora=True, mora_type=mora_type)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    return folder
-
 
 @pytest.fixture
 def make_adapter(tmp_path: Path):
     """make_adapter(name="a", **write_adapter kwargs) -> folder under tmp_path."""
+
+    from tests.builders import write_adapter
 
     def make(name: str = "a", **kw) -> Path:
         return write_adapter(tmp_path / "src" / name, **kw)
@@ -173,31 +140,12 @@ def make_adapter(tmp_path: Path):
     return make
 
 
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        return json.loads(self.out)
-
-
 @pytest.fixture
-def run_cli(store_env: dict[str, str], monkeypatch):
+def run_cli(store_env: dict[str, str]):
     """run_cli("list", "--json") -> CliResult, in-process, against the test's store."""
-    from click.testing import CliRunner
+    from tests.cli_runner import invoke
 
-    from registry.cli import cli
-
-    def run(*args: str) -> CliResult:
-        runner = CliRunner()
-        env = {k: None for k in os.environ if k.startswith("ADAPTERS_")}
-        env.update({k: v for k, v in store_env.items() if k.startswith("ADAPTERS_")})
-        res = runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
-        return CliResult(res.exit_code, res.stdout, res.stderr)
-
-    return run
+    return lambda *args: invoke(args, store_env)
 
 
 def store_snapshot(home: Path, reg) -> tuple:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mora_core.mora import MoraOperator, mora_rank
-from tests.mora_fixtures import golden_dir
+from tests.builders import golden_dir
 
 CASES = json.loads((golden_dir() / "cases.json").read_text())["cases"]
 ATOL_F64 = 1e-12  # the README's suggestion; type 6 matches too because the angles are float32 as in the reference

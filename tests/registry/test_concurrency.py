@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import write_adapter
+from tests.builders import write_adapter
 
 DRIVER = r"""
 import json, sys, time

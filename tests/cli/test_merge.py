@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
 
-from tests.mora_fixtures import read_folder, write_base, write_mora_adapter
-from tests.test_merge_folder import llama_like, mora_shapes
+from tests.builders import (
+    llama_like,
+    mora_shapes,
+    read_folder,
+    write_mora_adapter,
+    write_tensor_base,
+)
+from tests.cli_runner import run_adapters
 
 
 def adapters(*args, home):
-    return subprocess.run([sys.executable, "-m", "registry.cli", *map(str, args)], capture_output=True, text=True,
-                          env={"ADAPTERS_HOME": str(home), "PATH": "/usr/bin:/bin"}, timeout=300)
+    return run_adapters(args, home=home)
 
 
 def test_merge_json_summary(tmp_path):
-    write_base(tmp_path / "base", llama_like(), shards=2)
+    write_tensor_base(tmp_path / "base", llama_like(), shards=2)
     write_mora_adapter(tmp_path / "m1", mora_shapes(), mora_type=1)
     write_mora_adapter(tmp_path / "m6", mora_shapes(), mora_type=6, r=4)
     p = adapters("merge", tmp_path / "m1", tmp_path / "m6", "--weight", "1", "--weight", "0.5", "--base",
@@ -34,7 +37,7 @@ def test_merge_json_summary(tmp_path):
 
 
 def test_human_output_is_short(tmp_path):
-    write_base(tmp_path / "base", llama_like(dtype=torch.bfloat16))
+    write_tensor_base(tmp_path / "base", llama_like(dtype=torch.bfloat16))
     write_mora_adapter(tmp_path / "m", mora_shapes())
     p = adapters("merge", tmp_path / "m", "--base", tmp_path / "base", "--to", "safetensors", "-o",
                  tmp_path / "out", "--no-register", home=tmp_path / "home")
@@ -44,7 +47,7 @@ def test_human_output_is_short(tmp_path):
 
 
 def test_bad_adapter_is_one_line_and_nothing_written(tmp_path):
-    write_base(tmp_path / "base", llama_like())
+    write_tensor_base(tmp_path / "base", llama_like())
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text("{")
     p = adapters("merge", tmp_path / "bad", "--base", tmp_path / "base", "--to", "safetensors", "-o",
@@ -56,7 +59,7 @@ def test_bad_adapter_is_one_line_and_nothing_written(tmp_path):
 
 
 def test_weight_count_mismatch(tmp_path):
-    write_base(tmp_path / "base", llama_like())
+    write_tensor_base(tmp_path / "base", llama_like())
     write_mora_adapter(tmp_path / "m", mora_shapes())
     p = adapters("merge", tmp_path / "m", "--weight", "1", "--weight", "2", "--base", tmp_path / "base",
                  "--to", "safetensors", "-o", tmp_path / "out", "--no-register", home=tmp_path / "home")

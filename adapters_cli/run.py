@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from registry.cli_common import UserError, run_guarded
+from adapters_cli.common import UserError, run_guarded, store_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,8 +24,9 @@ from registry.cli_common import UserError, run_guarded
 @click.option("--provider", default="auto", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
               help="ONNX Runtime execution provider.")
 @click.option("--top-k", default=5, type=click.IntRange(1, 100), help="Candidates shown for the next token.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def run(model: Path, text: str | None, ids: str | None, provider: str, top_k: int, as_json: bool) -> None:
+@store_options
+def run(model: Path, text: str | None, ids: str | None, provider: str, top_k: int, home: str | None,
+        db_url: str | None, as_json: bool) -> None:
     """Run the ONNX export in OUT on one input: next token (LM) or embedding summary (encoder).
 
     \b

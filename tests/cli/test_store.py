@@ -175,7 +175,7 @@ def test_user_mistakes_one_line(args, message, run_cli, make_adapter, reg, regis
 
 
 def test_registry_imports_no_torch():
-    code = ("import registry.api, registry.cli, registry.commands, registry.lineage, sys; "
+    code = ("import registry.api, adapters_cli.main, adapters_cli.store, registry.lineage, sys; "
             "bad = {'torch', 'transformers', 'alembic', 'peft'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -183,7 +183,7 @@ def test_registry_imports_no_torch():
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_list_process_imports_no_heavy_modules(run_cli, make_adapter, store_env, reg):
     run_cli("push", make_adapter("a"), "--name", "x")
-    code = ("import sys; from registry.cli import main; rc = main(['list', '--json']); "
+    code = ("import sys; from adapters_cli.main import main; rc = main(['list', '--json']); "
             "bad = {'torch', 'transformers', 'alembic', 'mora_core.adapter', 'numpy'} & set(sys.modules); "
             "assert rc == 0 and not bad, (rc, bad)")
     out = subprocess.run([sys.executable, "-c", code], env=store_env, check=True, capture_output=True, text=True)

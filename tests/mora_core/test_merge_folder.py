@@ -11,31 +11,16 @@ from mora_core.adapter import load_adapter
 from mora_core.errors import MergeError
 from mora_core.merge import merge_folder
 from mora_core.mora import MoraOperator, mora_rank
-from tests.mora_fixtures import read_folder, write_base, write_mora_adapter
-
-H, I = 48, 80  # noqa: E741
-
-
-def llama_like(layers: int = 3, dtype=torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    t = {"model.embed_tokens.weight": torch.randn(100, H, generator=g)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n, shape in (("self_attn.q_proj", (H, H)), ("self_attn.v_proj", (H, H)),
-                         ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))):
-            t[p + n + ".weight"] = torch.randn(*shape, generator=g) * 0.1
-        t[p + "input_layernorm.weight"] = torch.ones(H)
-    t["model.norm.weight"] = torch.ones(H)
-    t["lm_head.weight"] = torch.randn(100, H, generator=g)
-    return {k: v.to(dtype) for k, v in t.items()}
-
-
-def mora_shapes(layers: int = 3) -> dict[str, tuple[int, int]]:
-    out = {}
-    for i in range(layers):
-        out[f"model.layers.{i}.self_attn.q_proj"] = (H, H)
-        out[f"model.layers.{i}.mlp.down_proj"] = (I, H)
-    return out
+from tests.builders import (
+    H,
+    I,
+    llama_like,
+    mora_matrices,
+    mora_shapes,
+    read_folder,
+    write_mora_adapter,
+    write_tensor_base,
+)
 
 
 def expected_delta(ms: dict[str, torch.Tensor], r: int, t: int, name: str) -> torch.Tensor | None:
@@ -48,9 +33,9 @@ def expected_delta(ms: dict[str, torch.Tensor], r: int, t: int, name: str) -> to
 
 def test_sharded_merge_of_two_weighted_adapters_is_exact(tmp_path):
     base = llama_like()
-    write_base(tmp_path / "base", base, shards=3)
-    ms1 = write_mora_adapter(tmp_path / "a1", mora_shapes(), r=8, mora_type=1, seed=1)
-    ms6 = write_mora_adapter(tmp_path / "a6", mora_shapes(), r=4, mora_type=6, seed=2)
+    write_tensor_base(tmp_path / "base", base, shards=3)
+    ms1 = mora_matrices(write_mora_adapter(tmp_path / "a1", mora_shapes(), r=8, mora_type=1, seed=1))
+    ms6 = mora_matrices(write_mora_adapter(tmp_path / "a6", mora_shapes(), r=4, mora_type=6, seed=2))
     adapters = [load_adapter(tmp_path / "a1"), load_adapter(tmp_path / "a6")]
     report = merge_folder(tmp_path / "base", adapters, tmp_path / "out", weights=[0.5, -1.25])
     assert report.shards == 3 and report.tensors_merged == 6
@@ -71,7 +56,7 @@ def test_sharded_merge_of_two_weighted_adapters_is_exact(tmp_path):
 
 def test_unchanged_tensors_are_byte_identical(tmp_path):
     base = llama_like()
-    write_base(tmp_path / "base", base)
+    write_tensor_base(tmp_path / "base", base)
     write_mora_adapter(tmp_path / "a", mora_shapes(), mora_type=1)
     merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out")
     got = read_folder(tmp_path / "out")
@@ -82,8 +67,8 @@ def test_unchanged_tensors_are_byte_identical(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_base_accumulates_in_float32_and_casts_once(tmp_path, dtype):
     base = llama_like(dtype=dtype)
-    write_base(tmp_path / "base", base)
-    ms = write_mora_adapter(tmp_path / "a", mora_shapes(), mora_type=1, scale=0.01)
+    write_tensor_base(tmp_path / "base", base)
+    ms = mora_matrices(write_mora_adapter(tmp_path / "a", mora_shapes(), mora_type=1, scale=0.01))
     merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")] * 2, tmp_path / "out", weights=[0.3, 0.3])
     got = read_folder(tmp_path / "out")
     name = "model.layers.1.mlp.down_proj.weight"
@@ -100,7 +85,7 @@ def test_half_precision_base_accumulates_in_float32_and_casts_once(tmp_path, dty
 
 
 def test_output_dtype_conversion_and_config(tmp_path):
-    write_base(tmp_path / "base", llama_like(), config={"model_type": "llama", "torch_dtype": "float32"})
+    write_tensor_base(tmp_path / "base", llama_like(), config={"model_type": "llama", "torch_dtype": "float32"})
     write_mora_adapter(tmp_path / "a", mora_shapes(), mora_type=6)
     merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out", dtype="bfloat16",
                  max_shard_bytes=60_000)
@@ -113,14 +98,14 @@ def test_output_dtype_conversion_and_config(tmp_path):
 def test_prefix_differences_are_resolved(tmp_path):
     """GPT-2 hub checkpoints omit `transformer.`; PEFT keys include it."""
     g = torch.Generator().manual_seed(0)
-    write_base(tmp_path / "base", {"h.0.attn.c_attn.weight": torch.randn(H, 3 * H, generator=g)})
+    write_tensor_base(tmp_path / "base", {"h.0.attn.c_attn.weight": torch.randn(H, 3 * H, generator=g)})
     write_mora_adapter(tmp_path / "a", {"transformer.h.0.attn.c_attn": (H, 3 * H)}, fan_in_fan_out=True)
     report = merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out")
     assert report.tensors_merged == 1
 
 
 def test_unmatched_module_is_an_error_before_any_write(tmp_path):
-    write_base(tmp_path / "base", llama_like())
+    write_tensor_base(tmp_path / "base", llama_like())
     write_mora_adapter(tmp_path / "a", {"model.layers.9.self_attn.q_proj": (H, H)})
     with pytest.raises(MergeError, match=r"model.layers.9.self_attn.q_proj matches no tensor"):
         merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out")
@@ -128,7 +113,7 @@ def test_unmatched_module_is_an_error_before_any_write(tmp_path):
 
 
 def test_shape_that_does_not_fit_is_an_error(tmp_path):
-    write_base(tmp_path / "base", llama_like())
+    write_tensor_base(tmp_path / "base", llama_like())
     # r_hat for a 48->80 layer, placed on a 48->48 one
     write_mora_adapter(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (H, I)}, r=8)
     with pytest.raises(MergeError, match="needs r_hat"):
@@ -137,7 +122,7 @@ def test_shape_that_does_not_fit_is_an_error(tmp_path):
 
 
 def test_non_finite_result_names_the_tensor(tmp_path):
-    write_base(tmp_path / "base", llama_like(dtype=torch.float16))
+    write_tensor_base(tmp_path / "base", llama_like(dtype=torch.float16))
     write_mora_adapter(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (H, H)}, scale=1.0)
     with pytest.raises(MergeError, match=r"model.layers.0.self_attn.q_proj.weight is not finite in float16"):
         merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out", weights=[1e6])
@@ -145,7 +130,7 @@ def test_non_finite_result_names_the_tensor(tmp_path):
 
 
 def test_existing_output_is_refused(tmp_path):
-    write_base(tmp_path / "base", llama_like())
+    write_tensor_base(tmp_path / "base", llama_like())
     write_mora_adapter(tmp_path / "a", mora_shapes())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
@@ -157,7 +142,7 @@ def test_existing_output_is_refused(tmp_path):
 def test_tied_embeddings_are_untied_when_touched(tmp_path):
     base = llama_like()
     del base["lm_head.weight"]
-    write_base(tmp_path / "base", base, config={"model_type": "llama", "tie_word_embeddings": True})
+    write_tensor_base(tmp_path / "base", base, config={"model_type": "llama", "tie_word_embeddings": True})
     g = torch.Generator().manual_seed(0)
     from safetensors.torch import save_file
 

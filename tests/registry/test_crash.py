@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_adapter
+from tests.builders import write_adapter
 
 POINTS = ["staged", "durable", "published", "before_commit"]
 
 
 def _push_cmd(folder: Path, name: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from registry.cli import main; sys.exit(main(sys.argv[1:]))",
+    return [sys.executable, "-c", "import sys; from adapters_cli.main import main; sys.exit(main(sys.argv[1:]))",
             "push", str(folder), "--name", name]
 
 

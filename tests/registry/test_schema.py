@@ -46,7 +46,7 @@ def test_models_differing_from_migrations_are_detected(reg):
 def test_db_upgrade_command_on_fresh_sqlite(tmp_path):
     from click.testing import CliRunner
 
-    from registry.cli import cli
+    from adapters_cli.main import cli
 
     res = CliRunner().invoke(cli, ["db", "upgrade", "--home", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output

@@ -13,7 +13,7 @@ import transformers
 from mora_core.adapter import load_adapter
 from mora_core.forward import apply_unmerged
 from mora_core.merge import merge_folder
-from tests.mora_fixtures import read_folder
+from tests.builders import read_folder
 
 warnings.filterwarnings("ignore")
 
@@ -90,7 +90,7 @@ def test_merge_matches_peft_merge_and_unload(case, tmp_path):
 
 def test_mora_on_gpt2_conv1d_is_merged_in_the_right_layout(tmp_path):
     """The paper's code ignores fan_in_fan_out; here MoRA on Conv1D merges to its forward."""
-    from tests.mora_fixtures import write_mora_adapter
+    from tests.builders import write_mora_adapter
 
     torch.manual_seed(0)
     model = gpt2()

@@ -12,7 +12,8 @@ from sqlalchemy import text
 
 from registry.api import Registry
 from registry.errors import IntegrityError, RegistryError
-from tests.conftest import store_snapshot, write_adapter
+from tests.builders import write_adapter
+from tests.conftest import store_snapshot
 
 
 def blob_files(home: Path) -> list[Path]:

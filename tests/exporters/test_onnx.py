@@ -17,12 +17,11 @@ import pytest
 import torch
 
 from exporters.digests import sha256_file
-from exporters.errors import ExportError
+from exporters.errors import ExportError, ValidationFailed
 from exporters.onnx_export import export_merged_onnx
 from exporters.providers import open_session
 from mora_core.adapter import load_adapter
-from registry.cli_common import CheckFailed
-from tests.models import linear_shapes, write_base, write_lora_adapter, write_mora_adapter
+from tests.builders import linear_shapes, write_lora_adapter, write_model_base, write_mora_adapter
 
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
                 "mistral": ["q_proj"], "qwen2": ["q_proj"]}
@@ -35,7 +34,7 @@ def root(tmp_path_factory) -> Path:
 
 def _base(root: Path, kind: str) -> Path:
     folder = root / f"{kind}-base"
-    return folder if folder.is_dir() else write_base(folder, kind)
+    return folder if folder.is_dir() else write_model_base(folder, kind)
 
 
 def _mora(root: Path, kind: str, mora_type: int, with_lm_head: bool = False) -> Path:
@@ -43,9 +42,8 @@ def _mora(root: Path, kind: str, mora_type: int, with_lm_head: bool = False) -> 
     folder = root / f"adapter-{kind}-mora{mora_type}{'-head' if with_lm_head else ''}"
     if folder.is_dir():
         return folder
-    return write_mora_adapter(folder,
-                              linear_shapes(kind, layers, with_lm_head), mora_type=mora_type,
-                              fan_in_fan_out=kind == "gpt2")
+    return write_mora_adapter(folder, linear_shapes(kind, layers, with_lm_head), mora_type=mora_type,
+                              seed=1, scale=0.05, fan_in_fan_out=kind == "gpt2")
 
 
 def _lora(root: Path, kind: str) -> Path:
@@ -205,7 +203,7 @@ def test_wrong_merge_is_caught_by_the_unmerged_comparison(root, monkeypatch):
     real = ox.merge_state_dict
     monkeypatch.setattr(ox, "merge_state_dict",
                         lambda sd, adapters, weights, **kw: real(sd, adapters[:1], weights[:1], **kw))
-    with pytest.raises(CheckFailed) as err:
+    with pytest.raises(ValidationFailed) as err:
         _export(root, "gpt2-wrong", "gpt2", [_mora(root, "gpt2", 1), _lora(root, "gpt2")], [1.0, 1.0])
     msg = str(err.value)
     assert "unmerged" in msg and "atol" in msg and "\n" not in msg
@@ -224,13 +222,13 @@ def test_perturbed_weight_is_caught(root, monkeypatch):
         return out
 
     monkeypatch.setattr(ox, "merge_state_dict", perturbed)
-    with pytest.raises(CheckFailed, match="unmerged"):
+    with pytest.raises(ValidationFailed, match="unmerged"):
         _export(root, "bert-wrong", "bert", [_mora(root, "bert", 6)], [1.0])
     assert _leftovers(root, "bert-wrong") == []
 
 
 def test_tolerance_too_tight_fails(root):
-    with pytest.raises(CheckFailed, match="max abs diff"):
+    with pytest.raises(ValidationFailed, match="max abs diff"):
         _export(root, "qwen2-tight", "qwen2", [_mora(root, "qwen2", 1)], [1.0], atol=1e-12, rtol=0.0)
     assert _leftovers(root, "qwen2-tight") == []
 
@@ -294,7 +292,7 @@ def test_lora_on_a_tied_input_embedding_unties_and_matches_peft(root):
 
 
 def test_bfloat16_base_exports_as_float32(root, tmp_path):
-    base = write_base(tmp_path / "bf16-base", "qwen2", dtype=torch.bfloat16)
+    base = write_model_base(tmp_path / "bf16-base", "qwen2", dtype=torch.bfloat16)
     from safetensors import safe_open
 
     with safe_open(str(base / "model.safetensors"), "pt") as f:

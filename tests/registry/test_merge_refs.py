@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 
 
 def _base(folder: Path, seed: int) -> Path:
-    from tests.mora_fixtures import write_base
+    from tests.builders import write_tensor_base
 
     g = torch.Generator().manual_seed(seed)
-    return write_base(folder, {"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+    return write_tensor_base(folder, {"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
                                "model.norm.weight": torch.ones(16)})
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from mora_core.adapter import load_adapter
 from mora_core.errors import AdapterError
-from tests.mora_fixtures import write_mora_adapter
+from tests.builders import write_mora_adapter
 
 MODULE = "model.layers.0.self_attn.q_proj"
 

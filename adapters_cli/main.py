@@ -1,39 +1,60 @@
-"""The `adapters` command: the composition root.
+"""The `adapters` command: the composition root of the project.
 
-Subcommands live in their own modules and are imported only when invoked, so that
-`adapters list` never pays for torch, transformers or alembic.
+Each command family lives in its own module and is imported only when one of its commands
+runs, so that `adapters list` never pays for torch, transformers or alembic. The table
+below is the whole command line: a name and a function that imports and returns the
+command. Nothing imports this package.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
 
 import click
 
-# command name -> "module:attribute". Kept sorted for `adapters --help`.
-COMMANDS: dict[str, str] = {
-    "audit": "registry.commands:audit",
-    "db": "registry.commands:db",
-    "gc": "registry.commands:gc",
-    "lineage": "registry.commands:lineage",
-    "list": "registry.commands:list_",
-    "merge": "exporters.cli_merge:merge",
-    "pull": "registry.commands:pull",
-    "push": "registry.commands:push",
-    "rm": "registry.commands:rm",
-    "run": "exporters.run_cmd:run",
-    "show": "registry.commands:show",
-    "tag": "registry.commands:tag",
-    "untag": "registry.commands:untag",
-    "verify": "registry.commands:verify",
+
+def _store():
+    from adapters_cli import store
+
+    return store
+
+
+def _merge():
+    from adapters_cli import merge
+
+    return merge
+
+
+def _run():
+    from adapters_cli import run
+
+    return run
+
+
+# command name -> loader. Kept sorted for `adapters --help`.
+COMMANDS: dict[str, Callable[[], click.Command]] = {
+    "audit": lambda: _store().audit,
+    "db": lambda: _store().db,
+    "gc": lambda: _store().gc,
+    "lineage": lambda: _store().lineage,
+    "list": lambda: _store().list_,
+    "merge": lambda: _merge().merge,
+    "pull": lambda: _store().pull,
+    "push": lambda: _store().push,
+    "rm": lambda: _store().rm,
+    "run": lambda: _run().run,
+    "show": lambda: _store().show,
+    "tag": lambda: _store().tag,
+    "untag": lambda: _store().untag,
+    "verify": lambda: _store().verify,
 }
 
 
 class LazyGroup(click.Group):
     """A click group that imports a subcommand's module on first use."""
 
-    def __init__(self, *args, lazy: dict[str, str], **kwargs):
+    def __init__(self, *args, lazy: dict[str, Callable[[], click.Command]], **kwargs):
         super().__init__(*args, **kwargs)
         self._lazy = dict(lazy)
 
@@ -42,8 +63,7 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self._lazy:
-            module_name, attr = self._lazy[cmd_name].split(":")
-            return getattr(importlib.import_module(module_name), attr)
+            return self._lazy[cmd_name]()
         return super().get_command(ctx, cmd_name)
 
 

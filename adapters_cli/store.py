@@ -1,28 +1,20 @@
-"""The registry's `adapters` subcommands (registered lazily in registry/cli.py).
+"""The registry's commands: push, pull, list, show, tag, untag, rm, lineage, verify, gc, audit, db.
 
-Every command takes `--json`; errors are one `error: ...` line on stderr and exit 2 (see registry.cli_common).
-This module imports click and registry.api only: no torch, transformers or alembic
-(`adapters push` reaches torch through mora_core inside the push itself).
+Every command takes `--home`, `--db-url` and `--json`; errors are one `error: ...` line on
+stderr (see adapters_cli.common). This module imports click and registry only: no torch,
+transformers or alembic (`adapters push` reaches torch through mora_core inside the push).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import click
 
-from registry.cli_common import guarded
+from adapters_cli.common import ProgressLine, emit_json, guarded, human_size, store_options, table
 
-home_option = click.option("--home", envvar="ADAPTERS_HOME", type=click.Path(file_okay=False),
-                           help="Registry home (default: $ADAPTERS_HOME or the user data dir).")
-db_option = click.option("--db-url", envvar="ADAPTERS_DB_URL", default=None,
-                         help="Database URL (default: $ADAPTERS_DB_URL or SQLite in the home).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-
-
-command = guarded  # every command: user mistakes become one `error:` line and exit 2
+command = guarded  # every command: library errors become one `error:` line and their exit code
 
 
 def _open(home: str | None, db_url: str | None):
@@ -38,46 +30,6 @@ def _open(home: str | None, db_url: str | None):
     return Registry.open(home=home, db_url=db_url)
 
 
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    if not rows:
-        return
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class _Progress:
-    """Bytes progress on stderr when it is a terminal; silent when piped."""
-
-    def __init__(self, label: str):
-        self.on = sys.stderr.isatty()
-        self.label = label
-        self.done = 0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.on:
-            sys.stderr.write(f"\r{self.label} {_size(self.done)}   ")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.on and self.done:
-            sys.stderr.write("\r" + " " * (len(self.label) + 20) + "\r")
-            sys.stderr.flush()
-
-
 @click.command("push")
 @click.argument("folder", type=click.Path())
 @click.option("--name", required=True, help="Adapter name, e.g. team/llama-mora.")
@@ -88,38 +40,34 @@ class _Progress:
 @click.option("--tag", "tags", multiple=True, help="Alias to point at the new version (repeatable).")
 @click.option("--meta", multiple=True, help="KEY=VALUE metadata (repeatable).")
 @click.option("--message", "-m", help="Free-text description.")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def push(folder: str, name: str, base_model: str | None, base_revision: str | None, base_dir: str | None,
          parent: str | None, tags: tuple[str, ...], meta: tuple[str, ...], message: str | None,
          home: str | None, db_url: str | None, as_json: bool) -> None:
     """Store FOLDER (a PEFT adapter) as the next immutable version of NAME; print its reference."""
     reg = _open(home, db_url)
-    prog = _Progress("push")
+    prog = ProgressLine(verb="push")
     info = reg.push(folder, name, base_model=base_model, base_revision=base_revision, base_dir=base_dir,
-                    parent=parent, tags=tags, meta=list(meta), message=message, progress=prog)
-    prog.finish()
-    _emit(info.to_dict()) if as_json else click.echo(info.ref)
+                    parent=parent, tags=tags, meta=list(meta), message=message, progress=prog.add)
+    prog.close()
+    emit_json(info.to_dict()) if as_json else click.echo(info.ref)
 
 
 @click.command("pull")
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(), help="Output folder (default ./<name>-<N>).")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Write REF as a PEFT adapter folder, verifying every digest."""
     reg = _open(home, db_url)
-    prog = _Progress("pull")
-    path = reg.pull(ref, output, progress=prog)
-    prog.finish()
+    prog = ProgressLine(verb="pull")
+    path = reg.pull(ref, output, progress=prog.add)
+    prog.close()
     info = reg.resolve(ref)
     if as_json:
-        _emit({"ref": info.ref, "digest": info.digest, "path": str(path)})
+        emit_json({"ref": info.ref, "digest": info.digest, "path": str(path)})
     else:
         click.echo(f"{info.ref} -> {path}")
 
@@ -130,9 +78,7 @@ def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_
 @click.option("--where", multiple=True, help="KEY=VALUE on metadata or kind/author/r/mora_type/base_revision.")
 @click.option("--limit", default=50, show_default=True, type=int, help="At most N versions (0: all).")
 @click.option("--offset", default=0, type=int, help="Skip the N newest (pagination).")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limit: int, offset: int,
           home: str | None, db_url: str | None, as_json: bool) -> None:
@@ -140,18 +86,16 @@ def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limi
     reg = _open(home, db_url)
     rows = reg.list(name, base_model=base_model, where=list(where), limit=limit, offset=offset)
     if as_json:
-        _emit([v.to_dict() for v in rows])
+        emit_json([v.to_dict() for v in rows])
         return
-    _table([[v.ref, v.kind + (f" r={v.r}" if v.r else ""), v.digest[7:19], _size(v.size),
+    table([[v.ref, v.kind + (f" r={v.r}" if v.r else ""), v.digest[7:19], human_size(v.size),
              v.created.strftime("%Y-%m-%d %H:%M"), ",".join(v.aliases), v.base_model or ""] for v in rows],
            ["REF", "KIND", "DIGEST", "SIZE", "CREATED", "ALIASES", "BASE"])
 
 
 @click.command("show")
 @click.argument("ref")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def show(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Everything recorded about a version (or an artifact:ID)."""
@@ -159,7 +103,7 @@ def show(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
     info = reg.show(ref)
     d = info.to_dict()
     if as_json:
-        _emit(d)
+        emit_json(d)
         return
     for k, v in d.items():
         if v in (None, [], {}):
@@ -173,15 +117,13 @@ def show(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
 @click.command("tag")
 @click.argument("ref")
 @click.argument("alias")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def tag(ref: str, alias: str, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Point NAME@ALIAS at REF (moves it if it exists; audited)."""
     info = _open(home, db_url).tag(ref, alias)
     if as_json:
-        _emit({"alias": f"{info.name}@{alias}", "ref": info.ref, "digest": info.digest})
+        emit_json({"alias": f"{info.name}@{alias}", "ref": info.ref, "digest": info.digest})
     else:
         click.echo(f"{info.name}@{alias} -> {info.ref}")
 
@@ -189,34 +131,28 @@ def tag(ref: str, alias: str, home: str | None, db_url: str | None, as_json: boo
 @click.command("untag")
 @click.argument("name")
 @click.argument("alias")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def untag(name: str, alias: str, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Remove NAME@ALIAS (audited)."""
     was = _open(home, db_url).untag(name, alias)
-    _emit({"alias": f"{name}@{alias}", "was": was}) if as_json else click.echo(f"{name}@{alias} removed (was {was})")
+    emit_json({"alias": f"{name}@{alias}", "was": was}) if as_json else click.echo(f"{name}@{alias} removed (was {was})")
 
 
 @click.command("rm")
 @click.argument("ref")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def rm(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Delete a version nothing derives from (audited; its bytes go at the next gc)."""
     label = _open(home, db_url).delete(ref)
-    _emit({"deleted": label}) if as_json else click.echo(f"deleted {label}")
+    emit_json({"deleted": label}) if as_json else click.echo(f"deleted {label}")
 
 
 @click.command("lineage")
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "mermaid"]), default="text")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def lineage(ref: str, fmt: str, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Ancestors (parents, base model) and descendants (child versions, merged artifacts)."""
@@ -227,58 +163,52 @@ def lineage(ref: str, fmt: str, home: str | None, db_url: str | None, as_json: b
 
 
 @click.command("verify")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def verify(home: str | None, db_url: str | None, as_json: bool) -> None:
     """Re-hash every blob and artifact file, walk the audit chain; exit 1 if anything is wrong."""
     reg = _open(home, db_url)
-    prog = _Progress("verify")
-    rep = reg.verify(progress=prog)
-    prog.finish()
+    prog = ProgressLine(verb="verify")
+    rep = reg.verify(progress=prog.add)
+    prog.close()
     if as_json:
-        _emit(rep.to_dict())
+        emit_json(rep.to_dict())
     else:
         for w in rep.warnings:
             click.echo(f"warning: {w}", err=True)
         for p in rep.problems:
             click.echo(f"PROBLEM: {p}")
-        click.echo(f"{'ok' if rep.ok else 'DAMAGED'}: {rep.blobs} blobs ({_size(rep.bytes)}), "
+        click.echo(f"{'ok' if rep.ok else 'DAMAGED'}: {rep.blobs} blobs ({human_size(rep.bytes)}), "
                    f"{rep.artifacts} artifacts, {rep.events} audit events checked")
     sys.exit(0 if rep.ok else 1)
 
 
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def gc(dry_run: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Remove blobs no version references and leftovers of interrupted writes."""
     rep = _open(home, db_url).gc(dry_run=dry_run)
     if as_json:
-        _emit(rep.to_dict())
+        emit_json(rep.to_dict())
     else:
         verb = "would free" if dry_run else "freed"
-        click.echo(f"{verb} {_size(rep.bytes_freed)}: {len(rep.blobs)} blobs, {len(rep.leftovers)} leftovers")
+        click.echo(f"{verb} {human_size(rep.bytes_freed)}: {len(rep.blobs)} blobs, {len(rep.leftovers)} leftovers")
 
 
 @click.command("audit")
 @click.argument("ref", required=False)
 @click.option("--limit", type=int, default=None, help="Only the N newest events.")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def audit(ref: str | None, limit: int | None, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Audit events, oldest first (all, or those of REF)."""
     events = _open(home, db_url).events(ref, limit=limit)
     if as_json:
-        _emit(events)
+        emit_json(events)
         return
-    _table([[str(e["seq"]), e["at"][:19].replace("T", " "), e["actor"], e["action"], e["subject"]] for e in events],
+    table([[str(e["seq"]), e["at"][:19].replace("T", " "), e["actor"], e["action"], e["subject"]] for e in events],
            ["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT"])
 
 
@@ -288,9 +218,7 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@home_option
-@db_option
-@json_option
+@store_options
 @command
 def db_upgrade(home: str | None, db_url: str | None, as_json: bool) -> None:
     """Upgrade the registry schema to the newest migration (needed on PostgreSQL after updates)."""
@@ -300,7 +228,7 @@ def db_upgrade(home: str | None, db_url: str | None, as_json: bool) -> None:
     home_p = resolve_home(home)
     before = upgrade(make_engine(resolve_url(home_p, db_url)), home_p / ".schema.lock")
     if as_json:
-        _emit({"from": before, "to": SCHEMA_HEAD})
+        emit_json({"from": before, "to": SCHEMA_HEAD})
     elif before == SCHEMA_HEAD:
         click.echo(f"schema already at {SCHEMA_HEAD}")
     else:

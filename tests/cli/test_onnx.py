@@ -8,7 +8,6 @@ test break the merge on purpose.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,58 +15,41 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models import (
+from tests.builders import (
     linear_shapes,
-    write_base,
     write_lora_adapter,
+    write_model_base,
     write_mora_adapter,
     write_tokenizer,
 )
+from tests.cli_runner import invoke, run_adapters
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def adapters_subprocess(*args, home: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERS_")}
-    env["ADAPTERS_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "registry.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
+    return run_adapters(args, home=home, cwd=ROOT, timeout=600)
 
 
-class Result:
-    def __init__(self, code: int, out: str, err: str):
-        self.code, self.out, self.err = code, out, err
-
-    def json(self):
-        return json.loads(self.out)
-
-
-def adapters(*args, home: Path) -> Result:
+def adapters(*args, home: Path):
     """In-process `adapters ...` against the store at `home`."""
-    from click.testing import CliRunner
-
-    from registry.cli import cli
-
-    env = {k: None for k in os.environ if k.startswith("ADAPTERS_")}
-    env["ADAPTERS_HOME"] = str(home)
-    res = CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
-    return Result(res.exit_code, res.stdout, res.stderr)
+    return invoke(args, {"ADAPTERS_HOME": str(home)})
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    base = write_base(root / "base", "llama")
+    base = write_model_base(root / "base", "llama")
     write_tokenizer(base)
-    bert = write_base(root / "bert", "bert")
+    bert = write_model_base(root / "bert", "bert")
     return {
         "root": root,
         "base": base,
         "bert": bert,
-        "mora1": write_mora_adapter(root / "mora1", linear_shapes("llama"), mora_type=1),
-        "mora6": write_mora_adapter(root / "mora6", linear_shapes("llama"), mora_type=6, r=4, seed=7),
+        "mora1": write_mora_adapter(root / "mora1", linear_shapes("llama"), mora_type=1, seed=1, scale=0.05),
+        "mora6": write_mora_adapter(root / "mora6", linear_shapes("llama"), mora_type=6, r=4, seed=7, scale=0.05),
         "lora": write_lora_adapter(root / "lora", base, "llama", ["q_proj", "v_proj"]),
-        "bert_mora": write_mora_adapter(root / "bert-mora", linear_shapes("bert"), mora_type=6),
+        "bert_mora": write_mora_adapter(root / "bert-mora", linear_shapes("bert"), mora_type=6, seed=1, scale=0.05),
     }
 
 
@@ -233,7 +215,7 @@ def test_lineage_of_an_onnx_artifact_end_to_end(files):
 def test_run_does_not_import_torch(merged):
     """Serving needs ONNX Runtime only: `adapters run --ids` must not pay for torch."""
     out, _ = merged
-    code = ("import sys; from registry.cli import main; rc = main(['run', sys.argv[1], '--ids', '1,2', '--json']); "
+    code = ("import sys; from adapters_cli.main import main; rc = main(['run', sys.argv[1], '--ids', '1,2', '--json']); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr

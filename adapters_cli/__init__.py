@@ -1,0 +1,1 @@
+"""The `adapters` command line: the composition root (nothing imports this package)."""

@@ -1,0 +1,185 @@
+"""What every command shares: the store options, one-line errors with exit codes, output helpers,
+and a TTY progress line.
+
+Exit codes: 0 success; 1 a check ran and found a problem (`verify`, ONNX validation);
+2 the user's input is wrong (nothing was changed); 130 interrupted.
+
+This is the only place that turns library errors into exit codes: `RegistryError`,
+`MoraCoreError` and `ExportError` are input mistakes (2), `ValidationFailed` a failed
+check (1). Importing this module stays cheap (no torch): `adapters list` goes through it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+
+from registry.errors import RegistryError
+
+EXIT_CHECK = 1  # a check ran and failed (validation, verify)
+EXIT_INPUT = 2  # the user's input is wrong; nothing was changed
+EXIT_INTERRUPTED = 130
+
+
+class UserError(ValueError):
+    """A mistake in the command line itself (not in a file)."""
+
+
+class CheckFailed(RuntimeError):
+    """A check run by the CLI itself that failed: exit code 1, with a one-line reason."""
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _classify(exc: BaseException) -> int | None:
+    """The exit code of a library error, or None for anything else (a bug: traceback).
+
+    The heavy libraries' error modules are tiny and import nothing heavy themselves, so
+    checking against them costs nothing even on `adapters list`.
+    """
+    from exporters.errors import ExportError, ValidationFailed
+    from mora_core.errors import MoraCoreError
+
+    if isinstance(exc, (CheckFailed, ValidationFailed)):
+        return EXIT_CHECK
+    if isinstance(exc, (UserError, RegistryError, MoraCoreError, ExportError)):
+        return EXIT_INPUT
+    return None
+
+
+def run_guarded(body: Callable[[], Any]) -> Any:
+    """Run a command body; library errors become one `error:` line and their exit code."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        code = _classify(exc)
+        if code is not None:
+            fail(str(exc), code)
+        if isinstance(exc, OSError):
+            fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        raise
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator form of `run_guarded` for click command functions."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return run_guarded(lambda: fn(*args, **kwargs))
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- options
+
+def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--home`, `--db-url` and `--json`, the same way on every command."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
+    fn = click.option("--db-url", envvar="ADAPTERS_DB_URL", default=None,
+                      help="Database URL (default: $ADAPTERS_DB_URL or SQLite in the home).")(fn)
+    fn = click.option("--home", envvar="ADAPTERS_HOME", default=None, type=click.Path(file_okay=False),
+                      help="Registry home (default: $ADAPTERS_HOME or the user data dir).")(fn)
+    return fn
+
+
+class SizeType(click.ParamType):
+    """A byte size like `2GB`, `500MB`, `1.5GiB` or `1048576`: positive, whole bytes."""
+
+    name = "size"
+    UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        number, unit = text, "b"
+        for u in sorted(self.UNITS, key=len, reverse=True):
+            if text.endswith(u):
+                number, unit = text[: -len(u)].strip(), u
+                break
+        try:
+            n = float(number)
+        except ValueError:
+            self.fail(f"{value!r} is not a size like 2GB or 500MB", param, ctx)
+        size = n * self.UNITS[unit]
+        if not (size >= 1 and size == size and size < 2**63) or size != int(size):
+            self.fail(f"{value!r} is not a positive whole number of bytes", param, ctx)
+        return int(size)
+
+
+# ----------------------------------------------------------------------------- output
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def table(rows: list[list[str]], header: list[str]) -> None:
+    """Left-aligned columns, two spaces apart."""
+    if not rows:
+        return
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class ProgressLine:
+    """One self-overwriting line on stderr when it is a terminal; silent when piped.
+
+    `update(done, total, what)` for counted work (bytes are shown as GB when `unit` is
+    "bytes"); `add(n)` for byte streams of unknown total (push, pull, verify).
+    """
+
+    def __init__(self, enabled: bool | None = None, verb: str = "merged", unit: str = "bytes",
+                 every: float = 0.2):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.verb = verb
+        self.unit = unit
+        self._every = every
+        self._last = 0.0
+        self._shown = False
+        self._done = 0
+
+    def update(self, done: int, total: int, what: str = "") -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < self._every and (not total or done < total)):
+            return
+        self._last = now
+        if self.unit == "bytes":
+            amount = f"{human_size(done)}/{human_size(total)}" if total else human_size(done)
+        else:
+            amount = f"{done}/{total}"
+        self._show(f"{self.verb} {amount}  {what}")
+
+    def add(self, n: int) -> None:
+        self._done += n
+        self.update(self._done, 0)
+
+    def _show(self, line: str) -> None:
+        line = line[:100]
+        click.echo(f"\r{line:<100}", err=True, nl=False)
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            click.echo("\r" + " " * 100 + "\r", err=True, nl=False)
+            self._shown = False
