@@ -178,7 +178,6 @@ def test_explicit_gpu_provider_without_gpu_is_refused(files, tmp_path):
 
 def test_lineage_of_an_onnx_artifact_end_to_end(files):
     """push two adapters, merge the references to ONNX, then lineage/show/verify the artifact."""
-    pytest.importorskip("registry.api")
     home = files["root"] / "home-lineage"
     for name, folder in (("team/mora", files["mora6"]), ("team/lora", files["lora"])):
         r = adapters("push", folder, "--name", name, "--base", files["base"], home=home)

@@ -145,11 +145,13 @@ def test_mora_copies_differ_refused(run_cli, make_adapter, reg, registry_home):
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "Team/X", "a//b", "a/../b", "a/./b", "x y", "artifact", "x/", "-x", "é", "x" * 201])
 def test_invalid_names_refused(name, run_cli, make_adapter, reg, registry_home):
+    src = make_adapter("a")
     before = store_snapshot(registry_home, reg)
-    r = run_cli("push", make_adapter("a"), "--name", name)
+    tree = sorted(registry_home.parent.rglob("*"))  # the test's whole temp folder: home, sources, siblings
+    r = run_cli("push", src, "--name", name)
     assert r.code == 2 and r.err.startswith("error: adapter name") and len(r.err.strip().splitlines()) == 1
     assert store_snapshot(registry_home, reg) == before
-    assert not list(registry_home.rglob("*x*")) or name != "../x"
+    assert sorted(registry_home.parent.rglob("*")) == tree  # nothing written anywhere, in or beside the home
 
 
 @pytest.mark.parametrize("args, message", [

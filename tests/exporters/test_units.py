@@ -49,10 +49,19 @@ def test_explicit_requests():
         choose_provider("rocm", probe_of())
 
 
+def _has_gpu() -> bool:
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
 def test_real_probes_on_this_machine(capfd):
+    """onnxruntime-gpu lists CUDA everywhere; only a machine with a GPU may choose it."""
     assert can_run("cpu")
     chosen = choose_provider("auto")
-    assert chosen in ("cpu", "cuda", "tensorrt")
+    assert chosen in (("cuda", "tensorrt") if _has_gpu() else ("cpu",))
     out, err = capfd.readouterr()
     assert "EP Error" not in out + err and "Failed to load library" not in out + err
 
