@@ -35,8 +35,29 @@ class CheckFailed(RuntimeError):
     """A check run by the CLI itself that failed: exit code 1, with a one-line reason."""
 
 
-def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+def one_line(message: str) -> str:
+    """A message as one line: whatever a library put in it (newlines, control characters)."""
+    text = " ".join(str(message).split("\n")).strip()
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def wants_json(args: list[str] | None = None) -> bool:
+    """Whether the running command was given `--json` (from its parsed options, else from `args`)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("as_json"):
+        return True
+    return bool(args) and "--json" in args
+
+
+def fail(message: str, code: int = EXIT_INPUT, *, as_json: bool | None = None) -> NoReturn:
+    """One `error:` line on stderr and exit `code`; under `--json` also `{"error", "code"}` on stdout.
+
+    Scripts that parse stdout of a `--json` command get a JSON document for a failure too.
+    """
+    line = one_line(message)
+    if wants_json() if as_json is None else as_json:
+        click.echo(json.dumps({"error": line, "code": code}))
+    click.echo(f"error: {line}", err=True)
     sys.exit(code)
 
 

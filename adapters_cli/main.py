@@ -32,6 +32,8 @@ def _run():
     return run
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
 # command name -> loader. Kept sorted for `adapters --help`.
 COMMANDS: dict[str, Callable[[], click.Command]] = {
     "audit": lambda: _store().audit,
@@ -65,6 +67,28 @@ class LazyGroup(click.Group):
         if cmd_name in self._lazy:
             return self._lazy[cmd_name]()
         return super().get_command(ctx, cmd_name)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's main, except that a usage mistake (bad option value, unknown option, missing
+        argument) is one `error:` line and exit 2, like every other input mistake."""
+        from adapters_cli.common import EXIT_INPUT, fail
+
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # `adapters` alone: the help text, as click does
+            click.echo(exc.format_message(), err=True)
+            code = EXIT_INPUT
+        except click.UsageError as exc:
+            cmd = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command is not self else ""
+            fail(f"{cmd}{exc.format_message()} (see --help)", EXIT_INPUT, as_json="--json" in argv)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code, as_json="--json" in argv)
+        except click.Abort:
+            fail("interrupted", 130)
+        if not standalone_mode:
+            return code
+        sys.exit(code or 0)
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,9 +12,19 @@ import sys
 
 import click
 
-from adapters_cli.common import ProgressLine, emit_json, guarded, human_size, store_options, table
+from adapters_cli.common import (
+    ProgressLine,
+    emit_json,
+    guarded,
+    human_size,
+    one_line,
+    store_options,
+    table,
+)
+from registry.names import MAX_INT
 
 command = guarded  # every command: library errors become one `error:` line and their exit code
+COUNT = click.IntRange(0, MAX_INT)  # --limit/--offset: what the database can take
 
 
 def _open(home: str | None, db_url: str | None):
@@ -28,6 +38,15 @@ def _open(home: str | None, db_url: str | None):
     from registry.api import Registry
 
     return Registry.open(home=home, db_url=db_url)
+
+
+def _where(reg) -> str:
+    """The store in words: its home (SQLite) or its database URL without the password."""
+    if reg.url.startswith("sqlite"):
+        return f"the registry at {reg.home}"
+    from sqlalchemy.engine import make_url
+
+    return f"the registry database {make_url(reg.url).render_as_string(hide_password=True)}"
 
 
 @click.command("push")
@@ -76,8 +95,8 @@ def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_
 @click.argument("name", required=False)
 @click.option("--base-model", help="Only versions on this base model.")
 @click.option("--where", multiple=True, help="KEY=VALUE on metadata or kind/author/r/mora_type/base_revision.")
-@click.option("--limit", default=50, show_default=True, type=int, help="At most N versions (0: all).")
-@click.option("--offset", default=0, type=int, help="Skip the N newest (pagination).")
+@click.option("--limit", default=50, show_default=True, type=COUNT, help="At most N versions (0: all).")
+@click.option("--offset", default=0, type=COUNT, help="Skip the N newest (pagination).")
 @store_options
 @command
 def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limit: int, offset: int,
@@ -87,6 +106,11 @@ def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limi
     rows = reg.list(name, base_model=base_model, where=list(where), limit=limit, offset=offset)
     if as_json:
         emit_json([v.to_dict() for v in rows])
+        return
+    if not rows:  # say so (on stderr: stdout stays a table, empty here)
+        filtered = name is not None or base_model is not None or where or offset
+        click.echo("no versions match" if filtered else f"no versions in {_where(reg)} yet "
+                   "(`adapters push` adds one)", err=True)
         return
     table([[v.ref, v.kind + (f" r={v.r}" if v.r else ""), v.digest[7:19], human_size(v.size),
              v.created.strftime("%Y-%m-%d %H:%M"), ",".join(v.aliases), v.base_model or ""] for v in rows],
@@ -109,9 +133,8 @@ def show(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
         if v in (None, [], {}):
             continue
         if isinstance(v, (dict, list)):
-            v = json.dumps(v, sort_keys=True)
-            v = v if len(v) < 200 else v[:197] + "..."
-        click.echo(f"{k + ':':<15} {v}")
+            v = json.dumps(v, sort_keys=True)  # whole: `show` never cuts a field (--json for parsing)
+        click.echo(f"{k + ':':<15} {one_line(str(v))}")
 
 
 @click.command("tag")
@@ -199,7 +222,7 @@ def gc(dry_run: bool, home: str | None, db_url: str | None, as_json: bool) -> No
 
 @click.command("audit")
 @click.argument("ref", required=False)
-@click.option("--limit", type=int, default=None, help="Only the N newest events.")
+@click.option("--limit", type=COUNT, default=None, help="Only the N newest events (0: all).")
 @store_options
 @command
 def audit(ref: str | None, limit: int | None, home: str | None, db_url: str | None, as_json: bool) -> None:

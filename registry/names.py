@@ -18,9 +18,12 @@ from dataclasses import dataclass
 
 from registry.errors import RegistryError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
-ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-HEX_RE = re.compile(r"^[0-9a-f]+$")
+# Always applied with `fullmatch`: `$` would also match before a final newline.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._/-]*")
+ALIAS_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+HEX_RE = re.compile(r"[0-9a-f]+")
+DIGITS_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+MAX_INT = 2**31 - 1  # the database's INTEGER range (PostgreSQL `integer`): version numbers, ids, r
 MIN_PREFIX = 12
 MAX_NAME = 200
 ARTIFACT = "artifact"  # reserved: artifact references start with it
@@ -34,7 +37,7 @@ def check_name(name: str) -> str:
         raise RegistryError(f"adapter name {name[:40]!r}...: longer than {MAX_NAME} characters")
     if name.startswith("/") or ".." in name or "//" in name or name.endswith("/") or "." in name.split("/"):
         raise RegistryError(f"adapter name {name!r}: no leading/trailing '/', '//', '.' or '..' segments allowed")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise RegistryError(f"adapter name {name!r}: use lowercase letters, digits and -_./ only")
     if name == ARTIFACT or name.startswith(ARTIFACT + "/"):
         raise RegistryError(f"adapter name {name!r}: '{ARTIFACT}' is reserved for merge outputs")
@@ -43,11 +46,35 @@ def check_name(name: str) -> str:
 
 def check_alias(alias: str) -> str:
     """Return `alias` if valid (like a name segment, and not all digits nor `sha256`)."""
-    if not isinstance(alias, str) or not ALIAS_RE.match(alias) or len(alias) > 100:
+    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias) or len(alias) > 100:
         raise RegistryError(f"alias {alias!r}: use lowercase letters, digits and -_. only")
     if alias == "sha256" or alias.startswith("sha256:"):
         raise RegistryError(f"alias {alias!r}: reserved")
     return alias
+
+
+def parse_int(text: str, what: str, *, minimum: int = 0) -> int:
+    """A non-negative decimal integer in ASCII digits that fits the database, else RegistryError.
+
+    `what` names the input in the message (e.g. "reference 'x:2'", "--where r=3").
+    """
+    if not isinstance(text, str) or not DIGITS_RE.fullmatch(text):
+        raise RegistryError(f"{what}: {text!r} is not a number (digits 0-9)")
+    if len(text.lstrip("0")) > len(str(MAX_INT)) or int(text) > MAX_INT:
+        raise RegistryError(f"{what}: {text} is too large (at most {MAX_INT})")
+    n = int(text)
+    if n < minimum:
+        raise RegistryError(f"{what}: must be at least {minimum}")
+    return n
+
+
+def check_count(value: int | None, what: str) -> int | None:
+    """A `--limit`/`--offset` style count: None, or 0..MAX_INT (RegistryError otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise RegistryError(f"{what} {value!r}: expected a whole number from 0 to {MAX_INT}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -67,7 +94,7 @@ class Ref:
 
 def _check_prefix(text: str, prefix: str) -> str:
     p = prefix.lower()
-    if not HEX_RE.match(p) or len(p) > 64:
+    if not HEX_RE.fullmatch(p) or len(p) > 64:
         raise RegistryError(f"reference {text!r}: digest must be hex")
     if len(p) < MIN_PREFIX:
         raise RegistryError(f"reference {text!r}: digest prefix needs at least {MIN_PREFIX} hex digits")
@@ -82,9 +109,7 @@ def parse_ref(text: str) -> Ref:
     if text.startswith(ARTIFACT + ":") or text.startswith(ARTIFACT + "@"):
         rest = text[len(ARTIFACT) + 1:]
         if text[len(ARTIFACT)] == ":":
-            if not rest.isdigit():
-                raise RegistryError(f"reference {text!r}: artifact id must be a number")
-            return Ref(ARTIFACT, artifact_id=int(rest))
+            return Ref(ARTIFACT, artifact_id=parse_int(rest, f"reference {text!r}: artifact id"))
         if not rest.startswith("sha256:"):
             raise RegistryError(f"reference {text!r}: use artifact:ID or artifact@sha256:PREFIX")
         return Ref(ARTIFACT, digest_prefix=_check_prefix(text, rest[7:]))
@@ -93,13 +118,13 @@ def parse_ref(text: str) -> Ref:
         check_name(name)
         if tail.startswith("sha256:"):
             return Ref(name, digest_prefix=_check_prefix(text, tail[7:]))
-        if not ALIAS_RE.match(tail):
+        if not ALIAS_RE.fullmatch(tail):
             raise RegistryError(f"reference {text!r}: bad alias {tail!r}")
         return Ref(name, alias=tail)
     if ":" in text:
         name, _, num = text.rpartition(":")
         check_name(name)
-        if not num.isdigit() or int(num) < 1:
+        if not DIGITS_RE.fullmatch(num) or int(num) < 1:
             raise RegistryError(f"reference {text!r}: version must be a positive number")
-        return Ref(name, number=int(num))
+        return Ref(name, number=parse_int(num, f"reference {text!r}: version", minimum=1))
     return Ref(check_name(text))
