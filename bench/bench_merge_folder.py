@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             how = f"{adapters_cli} merge ADAPTER --base SRC --to safetensors -o DST --no-register --json"
         else:  # registry CLI not installed: the same merge through the Python API
             merge_cmd = [sys.executable, "-c",
-                         "import sys; from mora_core.adapter import load_adapter; from mora_core.merge import merge_folder; "
+                         "import sys; from mora_core.adapter import load_adapter; from exporters.safetensors_out import merge_folder; "
                          "a = load_adapter(sys.argv[1]); merge_folder(sys.argv[3], [a], sys.argv[7])", ]
             how = "python -c merge_folder(...) (CLI not installed)"
         print(f"floor: python -c 'import torch, shutil; shutil.copytree(SRC, DST)'\nmerge: {how}")

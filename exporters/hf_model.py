@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from exporters.errors import ExportError
-from mora_core.merge import open_base
+from mora_core.checkpoint import Checkpoint
 from mora_core.plan import NameResolver
 
 # model_type -> task ("causal-lm": logits; "encoder": last_hidden_state)
@@ -101,9 +101,8 @@ class BaseWeights:
     tied: dict[str, str]  # tied tensor the checkpoint omits -> the tensor it shares
 
 
-def read_base_weights(base_dir: Path, model: torch.nn.Module) -> BaseWeights:
+def read_base_weights(base: Checkpoint, model: torch.nn.Module) -> BaseWeights:
     """Read every base tensor, bind it to the model's parameter names, check nothing is missing."""
-    base = open_base(base_dir)
     state = model.state_dict()
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     resolver = NameResolver(list(state))

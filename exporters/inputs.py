@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporters.digests import sha256_file
 from mora_core.adapter import Adapter, load_adapter
 from mora_core.errors import MergeError
+from registry.blobs import hash_file
 
 
 @dataclass
@@ -67,10 +67,10 @@ def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
                     resolved: list[ResolvedAdapter], weights: list[float], dtype: str, accumulate: str,
                     summary: dict[str, Any]) -> dict[str, Any]:
     """Record the output as an artifact whose lineage points at every input version."""
-    from mora_core.merge import open_base
+    from mora_core.checkpoint import open_checkpoint
 
-    base = open_base(base_dir)
-    cfg = base.config()
+    base = open_checkpoint(base_dir)
+    cfg = base.config
     recipe = {
         "kind": kind,
         "base": {
@@ -78,7 +78,7 @@ def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
             "model_type": cfg.get("model_type"),
             "architectures": cfg.get("architectures"),
             "name_or_path": cfg.get("_name_or_path"),
-            "files": {f.path.name: sha256_file(f.path) for f in base.files},
+            "files": {f.path.name: hash_file(f.path)[0] for f in base.files},
         },
         "adapters": [{**r.describe(w), "folder_digest": _folder_digest(r.adapter)} for r, w in zip(resolved, weights)],
         "dtype": dtype,
@@ -98,4 +98,4 @@ def _folder_digest(adapter: Adapter) -> str | None:
     if adapter.path is None:
         return None
     p = Path(adapter.path) / "adapter_model.safetensors"
-    return sha256_file(p) if p.is_file() else None
+    return hash_file(p)[0] if p.is_file() else None

@@ -11,7 +11,7 @@ padding included:
 
 Either comparison outside `atol + rtol*|ref|` raises `ValidationFailed` and leaves nothing at
 `out_dir`: everything is built in a temporary folder beside it and renamed into place only
-after validation passed.
+after validation passed (`exporters.outputs.staged_output`).
 
 This module is the orchestration only: arguments, merge, temp folder, recipe, rename.
 The graph itself is written by `exporters.onnx_graph.export_graph` and checked by
@@ -21,9 +21,6 @@ The graph itself is written by `exporters.onnx_graph.export_graph` and checked b
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +28,6 @@ from typing import Any
 
 import torch
 
-from exporters.digests import sha256_file
 from exporters.errors import ExportError, ValidationFailed
 from exporters.hf_model import (
     OUTPUT_NAME,
@@ -52,16 +48,23 @@ from exporters.onnx_graph import (
 )
 from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
 from exporters.onnx_validation import validate_graph
+from exporters.outputs import (
+    copy_side_files,
+    fsync_file,
+    refuse_existing,
+    staged_output,
+    write_json,
+)
 from exporters.providers import choose_provider
 from exporters.validate import tolerances
 from mora_core.adapter import Adapter
+from mora_core.checkpoint import open_checkpoint
 from mora_core.merge import merge_state_dict
+from registry.blobs import hash_file
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # weights above this go to external data (protobuf refuses messages over 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
-SIDE_FILE_MAX_BYTES = 64 << 20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -98,13 +101,14 @@ def export_merged_onnx(
     _check_arguments(adapters, weights, out_dir, dtype, accumulate, opset)
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
     config = load_config(base_dir)
+    checkpoint = open_checkpoint(base_dir)
     task = task_of(config)
     chosen = choose_provider(provider) if validate else None  # before the slow part
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model = build_model(copy.deepcopy(config))
-    base = read_base_weights(base_dir, model)
+    base = read_base_weights(checkpoint, model)
     merged = merge_state_dict(base.tensors, adapters, weights, accumulate=ACCUMULATE[accumulate], tied=base.tied)
     untied = {alias: src for alias, src in base.tied.items() if alias in merged}
     if untied:
@@ -120,11 +124,7 @@ def export_merged_onnx(
     seconds["merge"] = round(time.perf_counter() - t, 3)
     _progress(progress, total, 1, "merged; exporting graph")
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out_dir) as tmp:
         t = time.perf_counter()
         n_bytes = total // (2 if dtype == "float16" else 1)
         use_external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
@@ -142,21 +142,17 @@ def export_merged_onnx(
             if not validation["passed"]:
                 raise ValidationFailed(validation["failure"])
 
-        _copy_side_files(base_dir, tmp, untied)
+        digests = copy_side_files(checkpoint.root, tmp, {"tie_word_embeddings": False} if untied else None)
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
                          base, validation)
-        (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        digests.update({name: f["sha256"] for name, f in recipe["files"].items()})
+        digests[RECIPE_NAME] = write_json(tmp / RECIPE_NAME, recipe)
     _progress(progress, total, 3, "done")
     seconds["total"] = round(time.perf_counter() - started, 3)
     return {
         "output": str(out_dir),
         "files": recipe["files"],
+        "digests": dict(sorted(digests.items())),  # every output file, taken while written
         "model_type": config.model_type,
         "task": task,
         "dtype": dtype,
@@ -178,28 +174,12 @@ def _check_arguments(adapters: Sequence[Adapter], weights: Sequence[float], out_
         raise ExportError(f"{len(adapters)} adapters but {len(weights)} weights")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ExportError(f"{out_dir}: output already exists; choose another -o or remove it")
+    refuse_existing(out_dir)
 
 
 def _progress(fn: ProgressFn | None, total: int, stage: int, what: str) -> None:
     if fn is not None:
         fn(total * stage // 3, total, what)
-
-
-def _copy_side_files(base_dir: Path, dest: Path, untied: dict[str, str]) -> None:
-    """config.json, tokenizer and generation files travel with the graph (`adapters run --text`)."""
-    for p in sorted(base_dir.iterdir()):
-        if not p.is_file() or p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
-            continue
-        if p.name.startswith(".") or p.stat().st_size > SIDE_FILE_MAX_BYTES:
-            continue
-        shutil.copy2(p, dest / p.name)
-    cfg_path = dest / "config.json"
-    if untied and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        cfg["tie_word_embeddings"] = False
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], weights: Sequence[float],
@@ -212,7 +192,9 @@ def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], 
     for name in (GRAPH_NAME, DATA_NAME):
         p = folder / name
         if p.is_file():
-            files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            digest, size = hash_file(p)  # the graph's only read; then it is made durable
+            fsync_file(p)
+            files[name] = {"sha256": digest, "bytes": size}
     task = spec.task
     out_name = OUTPUT_NAME[task]
     return {

@@ -113,7 +113,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         if opts.target == "safetensors":
-            from mora_core.merge import merge_folder
+            from exporters.safetensors_out import merge_folder
 
             report = merge_folder(opts.base_dir, loaded, opts.out_dir, weights, dtype=opts.dtype,
                                   accumulate=opts.accumulate, max_shard_bytes=opts.max_shard_bytes,

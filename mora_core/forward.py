@@ -17,41 +17,25 @@ from dataclasses import dataclass, field
 import torch
 
 from mora_core.adapter import Adapter
-from mora_core.errors import MergeError
-from mora_core.ops import DeltaOp, ReplaceOp
+from mora_core.ops import Undo
 from mora_core.plan import build_plan
 
 
 @dataclass
 class UnmergedHandle:
-    """Undo for `apply_unmerged`: removes hooks and restores substituted tensors."""
+    """Undo for `apply_unmerged`: removes hooks and restores substituted tensors (newest first)."""
 
-    hooks: list = field(default_factory=list)
-    restore: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    undos: list[Undo] = field(default_factory=list)
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        with torch.no_grad():
-            for param, original in self.restore:
-                param.copy_(original)
-        self.hooks.clear()
-        self.restore.clear()
+        while self.undos:
+            self.undos.pop()()
 
     def __enter__(self) -> UnmergedHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-def _hook(op: DeltaOp, weight: float, param_name: str):
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        base = getattr(module, param_name)
-        extra = op.forward(args[0], base.detach())
-        return output + (weight * extra).to(output.dtype)
-
-    return hook
 
 
 def apply_unmerged(
@@ -63,6 +47,7 @@ def apply_unmerged(
 
     The tensor names of `model.state_dict()` play the role of the base folder's names, so
     the same resolution and shape checks as a merge apply (a `MergeError` on mismatch).
+    Each op attaches itself (`DeltaOp.attach`): a forward branch or a substitution.
     """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     state = model.state_dict(keep_vars=True)
@@ -72,16 +57,8 @@ def apply_unmerged(
         for target, ops in plan.ops.items():
             module_name, _, param_name = target.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
-            param = state[target]
             for op, weight in ops:
-                if isinstance(op, ReplaceOp):
-                    with torch.no_grad():
-                        handle.restore.append((param, param.detach().clone()))
-                        param.add_(op.value.to(param.dtype) - param, alpha=weight)
-                    continue
-                if param_name != "weight":
-                    raise MergeError(f"{op.source}: cannot apply an adapter to {target} unmerged")
-                handle.hooks.append(module.register_forward_hook(_hook(op, weight, param_name)))
+                handle.undos.append(op.attach(module, param_name, weight))
     except BaseException:
         handle.remove()
         raise

@@ -1,16 +1,21 @@
 """Delta ops: one adapter's update to one base tensor, each kind with one job.
 
-An op is bound to a base tensor (its name and stored shape). It knows three things:
+An op is bound to a base tensor (its name and stored shape). Every op answers every hook
+(PEFT's `LoraVariant` is the model), so no caller ever asks which kind it holds:
 
 - `add_into(w, weight, base)`: `w += weight * dW` in place, `w` in the tensor's *stored*
   layout and in the accumulation dtype (float32/float64); `base` is the original base
   tensor, needed by ops whose update depends on it (DoRA, full replacements);
 - `delta(base)`: the dense `dW` in stored layout (tests, reports);
 - `forward(x, base)`: the unmerged contribution to the module's output, i.e. the reference
-  semantics: `module(x; W + dW) == module(x; W) + forward(x, W)`.
+  semantics: `module(x; W + dW) == module(x; W) + forward(x, W)`;
+- `attach(module, param_name, weight) -> undo`: apply the op to a live torch module without
+  merging (a forward branch for low-rank ops, an in-place substitution for full tensors);
+- `needs_base`: whether `add_into` reads the original base tensor (the merge loop keeps a
+  pristine copy only then).
 
-The merge loop and the unmerged forward only ever call these three, so the math of
-each adapter kind lives in exactly one place.
+The merge loop and the unmerged forward only ever call these, so the math of each
+adapter kind lives in exactly one place.
 
 Stored vs logical layout: a `torch.nn.Linear` weight is `[out, in]`; GPT-2's Conv1D stores
 `[in, out]` (`fan_in_fan_out`). Ops work on the logical `[out, in]` view, which for Conv1D
@@ -20,12 +25,17 @@ is `w.T`: in-place ops on that view write the stored tensor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from mora_core.errors import MergeError
 from mora_core.mora import MoraOperator
+
+Undo = Callable[[], None]
 
 
 @dataclass
@@ -34,16 +44,35 @@ class DeltaOp(ABC):
     shape: tuple[int, ...]  # stored shape of the base tensor
     source: str  # which adapter it came from (for reports and errors)
 
+    needs_base: ClassVar[bool] = False  # does add_into read the original base tensor?
+
     @abstractmethod
-    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None: ...
+    def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
+        """`w += weight * dW` in place (stored layout); `base` is the original tensor."""
 
     def delta(self, base: torch.Tensor) -> torch.Tensor:
+        """The dense `dW` in stored layout."""
         w = torch.zeros(self.shape, dtype=base.dtype if base.is_floating_point() else torch.float32)
         self.add_into(w, 1.0, base)
         return w
 
     @abstractmethod
-    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The unmerged branch: `module(x; W + dW) - module(x; W)` for the module's input `x`."""
+
+    def attach(self, module: torch.nn.Module, param_name: str, weight: float) -> Undo:
+        """Add `weight * forward(x, W)` to `module`'s output (a forward hook); returns the undo.
+
+        Low-rank ops touch the module's `weight` only; anything else is a `MergeError`.
+        """
+        if param_name != "weight":
+            raise MergeError(f"{self.source}: cannot apply an adapter to {self.target} unmerged")
+
+        def hook(mod: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            extra = self.forward(args[0], getattr(mod, param_name).detach())
+            return output + (weight * extra).to(output.dtype)
+
+        return module.register_forward_hook(hook).remove
 
 
 def _logical(w: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -101,6 +130,8 @@ class DoraOp(DeltaOp):
     magnitude: torch.Tensor  # [out]
     fan_in_fan_out: bool = False
 
+    needs_base: ClassVar[bool] = True
+
     def _merged_logical(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w0 = _logical(base, self.fan_in_fan_out).to(dtype)
         combined = torch.addmm(w0, self.b.to(dtype), self.a.to(dtype), alpha=self.scaling)
@@ -138,9 +169,15 @@ class MoraOp(DeltaOp):
 @dataclass
 class ReplaceOp(DeltaOp):
     """A full tensor saved with the adapter (modules_to_save, bias='all'/'lora_only',
-    saved embedding layers): `dW = T - W`, so weight 1 gives exactly `T`."""
+    saved embedding layers): `dW = T - W`, so weight 1 gives exactly `T`.
+
+    Unmerged, it is applied as PEFT does (by substitution): `attach` writes
+    `W + weight * (T - W)` into the live parameter and the undo restores `W`.
+    """
 
     value: torch.Tensor
+
+    needs_base: ClassVar[bool] = True
 
     def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
         if weight == 1.0:  # w - W + T: exactly T when nothing else touched w
@@ -149,4 +186,20 @@ class ReplaceOp(DeltaOp):
             w.add_(self.value.to(w.dtype) - base.to(w.dtype), alpha=weight)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("a replaced tensor is applied by substitution, not as a branch")
+        """No branch form: `module(x; T) - module(x; W)` depends on the module (a bias, an
+        embedding table, a Conv1D weight...), which an op does not know. Live modules get a
+        replacement through `attach`, which works for every kind of tensor."""
+        raise MergeError(f"{self.source}: {self.target} is replaced whole; apply it with attach(), "
+                         "not as a forward branch")
+
+    def attach(self, module: torch.nn.Module, param_name: str, weight: float) -> Undo:
+        param = getattr(module, param_name)
+        original = param.detach().clone()
+        with torch.no_grad():
+            param.add_(self.value.to(param.dtype) - param, alpha=weight)
+
+        def undo() -> None:
+            with torch.no_grad():
+                param.copy_(original)
+
+        return undo

@@ -1,10 +1,14 @@
-"""Reading and writing safetensors without mmap and without holding a whole file.
+"""Reading safetensors one tensor at a time, and laying out headers for streamed writes.
 
-Why not `safetensors.safe_open`: its tensors are memory-mapped, and every page a merge
-touches stays resident (and counted in RSS) until the file is closed, so a merge of a
-10 GB shard would look like a 10 GB process. Here a tensor is read with one positioned
-read into a fresh buffer, and a shard is written from a header computed up front, so
-tensors can be streamed into it one at a time.
+Why not `safetensors.safe_open`: it maps the whole file for as long as it is open, and
+every page a merge touches stays resident (and counted in RSS) until the file is closed,
+so a merge of a 10 GB shard would look like a 10 GB process. Here a tensor is read
+either through a private memory map of *just its bytes*, unmapped as soon as the caller
+is done (`mapped`: no copy, RSS back down after each tensor), or with one positioned read
+into fresh memory (`read`). Small files read whole (adapters) are mapped whole
+(`map_all`). For writing, `encode_header` lays a file's header out up front from
+`PlannedTensor`s, so a writer can stream tensors into it one at a time (the writer
+itself, which hashes as it writes, is `exporters.safetensors_out`).
 
 Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N,
 N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}}`,
@@ -261,89 +265,6 @@ def encode_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | N
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * _alignment_padding(len(raw))
     return struct.pack("<Q", len(raw)) + raw
-
-
-class StreamingSafetensorsWriter:
-    """Writes one safetensors file whose layout is fixed up front, tensor by tensor.
-
-    Tensors must be given in the planned order with the planned dtype and shape; the
-    file is fsynced on `close()`. Memory: only the tensor being written.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        self._plan = plan
-        self._next = 0
-        self._fh = open(self.path, "wb")
-        self._fh.write(encode_header(plan, metadata))
-
-    def _expect(self, name: str) -> PlannedTensor:
-        if self._next >= len(self._plan) or self._plan[self._next].name != name:
-            want = self._plan[self._next].name if self._next < len(self._plan) else "(end of file)"
-            raise RuntimeError(f"writer for {self.path} expected {want!r}, got {name!r}")
-        self._next += 1
-        return self._plan[self._next - 1]
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        planned = self._expect(name)
-        if dtype_code(tensor.dtype) != planned.dtype or tuple(tensor.shape) != planned.shape:
-            raise RuntimeError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {planned.dtype} {planned.shape}")
-        import torch
-
-        flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-        self._fh.write(memoryview(flat.numpy()))
-
-    def copy_raw(self, name: str, src: SafetensorsFile) -> None:
-        """Copy a tensor's bytes unchanged from `src`, kernel to kernel where possible."""
-        planned = self._expect(name)
-        info = src.tensors[name]
-        if info.nbytes != planned.nbytes or info.dtype != planned.dtype:
-            raise RuntimeError(f"{name}: raw copy of {info.dtype} into planned {planned.dtype}")
-        self._fh.flush()
-        with open(src.path, "rb", buffering=0) as fin:
-            _copy_range(fin.fileno(), self._fh.fileno(), info.begin, info.nbytes)
-        # the kernel advanced the fd offset; keep the Python object in step
-        self._fh.seek(0, os.SEEK_END)
-
-    def close(self, sync: bool = True) -> None:
-        """Finish the file; `sync=False` leaves the fsync to the caller (see `sync_and_close`)."""
-        if self._next != len(self._plan):
-            self._fh.close()
-            raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
-        self._fh.flush()
-        if sync:
-            self.sync_and_close()
-
-    def sync_and_close(self) -> None:
-        """fsync and close (safe to run in a worker thread: the GIL is released in fsync)."""
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-
-    def abort(self) -> None:
-        self._fh.close()
-
-
-def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
-    """Append `count` bytes of `fd_in` from `offset` to `fd_out`: in the kernel when it can."""
-    copy_file_range = getattr(os, "copy_file_range", None)
-    done = 0
-    while done < count:
-        n = count - done
-        k = 0
-        if copy_file_range is not None:
-            try:
-                k = copy_file_range(fd_in, fd_out, min(n, 1 << 30), offset + done)
-            except OSError:
-                copy_file_range = None
-        if not k:
-            chunk = os.pread(fd_in, min(n, 16 << 20), offset + done)
-            if not chunk:
-                raise OSError(f"unexpected end of file copying {count} bytes")
-            view = memoryview(chunk)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd_out, view):]
-            k = len(chunk)
-        done += k
 
 
 def all_finite(t: torch.Tensor) -> bool:

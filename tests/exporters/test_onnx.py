@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.digests import sha256_file
 from exporters.errors import ExportError, ValidationFailed
 from exporters.onnx_export import export_merged_onnx
 from exporters.providers import open_session
 from mora_core.adapter import load_adapter
+from registry.blobs import hash_file
 from tests.builders import linear_shapes, write_lora_adapter, write_model_base, write_mora_adapter
 
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
@@ -111,7 +111,7 @@ def test_output_folder_holds_graph_recipe_and_side_files(llama_mix):
     assert not list(out.parent.glob(".llama-mix.partial-*"))
     recipe = json.loads((out / "export.json").read_text())
     assert recipe == llama_mix["export"]
-    assert recipe["files"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
+    assert recipe["files"]["model.onnx"]["sha256"] == hash_file(out / "model.onnx")[0]
     assert [a["weight"] for a in recipe["adapters"]] == [1.0, 0.5]
     assert [a["kind"] for a in recipe["adapters"]] == ["mora", "lora"]
     assert recipe["validation"]["passed"] and recipe["kv_cache"] is False
@@ -175,7 +175,7 @@ def test_float16_with_external_data(root):
     out = Path(s["output"])
     assert (out / "model.onnx.data").is_file()
     assert set(s["files"]) == {"model.onnx", "model.onnx.data"}
-    assert s["files"]["model.onnx.data"]["sha256"] == sha256_file(out / "model.onnx.data")
+    assert s["files"]["model.onnx.data"]["sha256"] == hash_file(out / "model.onnx.data")[0]
     v = s["validation"]
     assert v["passed"] and (v["atol"], v["rtol"]) == (2e-2, 2e-2) and v["graph_dtype"] == "float16"
     sess = open_session(out / "model.onnx", "cpu")

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from exporters.errors import ExportError
+from exporters.safetensors_out import merge_folder
 from mora_core.adapter import load_adapter
 from mora_core.errors import MergeError
-from mora_core.merge import merge_folder
 from mora_core.mora import MoraOperator, mora_rank
 from tests.builders import (
     H,
@@ -134,7 +135,7 @@ def test_existing_output_is_refused(tmp_path):
     write_mora_adapter(tmp_path / "a", mora_shapes())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(MergeError, match="already exists"):
+    with pytest.raises(ExportError, match="already exists"):
         merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
+from exporters.safetensors_out import merge_folder
 from mora_core.adapter import load_adapter
 from mora_core.forward import apply_unmerged
-from mora_core.merge import merge_folder
 from tests.builders import read_folder
 
 warnings.filterwarnings("ignore")

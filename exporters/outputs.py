@@ -1,0 +1,137 @@
+"""Output folders: how every exporter's result appears on disk (atomically or not at all).
+
+One module for the rules every output follows, whatever its format:
+
+- `refuse_existing`: an output path that exists (other than an empty folder) is refused
+  before any work starts;
+- `staged_output`: the output is built in a temporary folder *beside* the target (same
+  file system, so the final rename is atomic), every file and the folder are fsynced,
+  the folder is renamed into place, and the parent folder fsynced; any exception
+  removes the temporary folder and leaves nothing at the target;
+- `copy_side_files`: the base's small files (config.json, tokenizer and generation
+  files) travel with the output under ONE rule: the folder rule of
+  `mora_core.checkpoint.member` (regular files, no symlink leaving the folder), hidden
+  files skipped, at most `SIDE_FILE_MAX_BYTES` each, and weights, weight indexes and
+  pickles never copied. Each copy is hashed while written and `config.json` edits
+  (dtype, untied embeddings) are applied on the way, so the digests are known without
+  reading the output again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from exporters.errors import ExportError
+from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member
+from mora_core.errors import MergeError
+from registry.blobs import fsync_dir
+
+SIDE_FILE_MAX_BYTES = 64 << 20
+
+
+def refuse_existing(out: Path) -> None:
+    """`ExportError` if `out` exists and is not an empty folder (nothing is ever overwritten)."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise ExportError(f"{out}: output already exists; choose another -o or remove it")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it becomes `out` (atomic rename).
+
+    The caller writes (and fsyncs) its files in the folder; this fsyncs the folder before
+    the rename and the parent after it. On any exception the folder is removed.
+    """
+    out = Path(out)
+    refuse_existing(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if out.is_dir():
+            out.rmdir()  # empty (refused otherwise); rmdir fails if someone filled it meanwhile
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file written by someone else (e.g. torch's ONNX saver) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write `data` to a new file, fsync it, and return its `sha256:<hex>` digest."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> str:
+    """`write_file` of `obj` as indented JSON with a final newline."""
+    return write_file(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def side_files(root: Path, skip: set[str] = frozenset()) -> list[str]:
+    """Names of the files of `root` that the side-file rule copies (sorted)."""
+    out = []
+    for p in sorted(Path(root).iterdir()):
+        name = p.name
+        if name in skip or name.startswith(".") or is_weight_or_index(name):
+            continue
+        try:
+            real = member(root, name)
+        except MergeError:
+            continue  # a directory, a device, a symlink leaving the folder: never copied
+        if real.stat().st_size > SIDE_FILE_MAX_BYTES:
+            continue
+        out.append(name)
+    return out
+
+
+def copy_side_files(root: Path, dest: Path, config_edits: dict[str, Any] | None = None,
+                    skip: set[str] = frozenset()) -> dict[str, str]:
+    """Copy the side files of `root` into `dest` (fsynced); returns {name: digest}.
+
+    `config_edits` are set in the copied `config.json` (a key is only replaced if the
+    base has it, except `torch_dtype` and `tie_word_embeddings`, which are always set).
+    """
+    digests: dict[str, str] = {}
+    for name in side_files(root, skip):
+        data = member(root, name).read_bytes()
+        if name == CONFIG_NAME and config_edits:
+            data = _edit_config(data, config_edits)
+        digests[name] = write_file(dest / name, data)
+    return digests
+
+
+def _edit_config(data: bytes, edits: dict[str, Any]) -> bytes:
+    try:
+        cfg = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return data  # not ours to repair; the merge read it as config already if it mattered
+    if not isinstance(cfg, dict):
+        return data
+    for key, value in edits.items():
+        if key in ("torch_dtype", "tie_word_embeddings") or key in cfg:
+            cfg[key] = value
+    return (json.dumps(cfg, indent=2) + "\n").encode()

@@ -1,0 +1,334 @@
+"""Merged safetensors folders: the tensor writer of a streaming merge, and `merge_folder`.
+
+`SafetensorsFolderWriter` is the `mora_core.merge.TensorWriter` for a folder of shards:
+it names the shards (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
+`model.safetensors.index.json`), writes each from a header laid out up front, and
+*hashes every byte as it writes it*: the sha256 of each file is known when the file is
+closed, so registering the output never reads it again. Two things overlap the writes:
+a worker thread hashes the bytes being written (hashlib releases the GIL), and another
+fsyncs shard k while shard k+1 is being produced.
+
+`merge_folder` is the whole safetensors output: open the checkpoint (once), plan, stream
+the merge into the writer inside `exporters.outputs.staged_output`, copy the side files
+with the config edits the merge implies, and report (digests of every file included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import resource
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporters.outputs import copy_side_files, refuse_existing, staged_output, write_json
+from mora_core.adapter import Adapter
+from mora_core.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from mora_core.merge import ProgressFn, plan_merge, stream_merge
+from mora_core.safetensors_io import PlannedTensor, SafetensorsFile, dtype_code, encode_header
+
+SHARD_METADATA = {"format": "pt"}
+COPY_CHUNK = 1 << 30  # one copy_file_range call at most (the kernel may do less)
+
+
+def shard_names(n: int) -> list[str]:
+    """The Hugging Face names of `n` shards."""
+    if n == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class HashingShardWriter:
+    """One safetensors file with a fixed layout, written tensor by tensor and hashed as written.
+
+    Tensors must arrive in the planned order with the planned dtype and shape. `digest`
+    is set by `close()`: the sha256 of exactly the bytes written. Memory: only the tensor
+    being written (raw copies go through the kernel; their hash reads a short-lived map
+    of the source range).
+    """
+
+    def __init__(self, path: Path, plan: Sequence[PlannedTensor], hasher: ThreadPoolExecutor,
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._plan = list(plan)
+        self._next = 0
+        self._hasher = hasher
+        self._h = hashlib.sha256()
+        self.digest: str | None = None
+        self.bytes = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._write(memoryview(encode_header(self._plan, metadata)))
+
+    def _expect(self, name: str) -> PlannedTensor:
+        if self._next >= len(self._plan) or self._plan[self._next].name != name:
+            want = self._plan[self._next].name if self._next < len(self._plan) else "(end of file)"
+            raise RuntimeError(f"writer for {self.path} expected {want!r}, got {name!r}")
+        self._next += 1
+        return self._plan[self._next - 1]
+
+    def _write(self, view: memoryview) -> None:
+        """Append `view` while a worker hashes it; returns when both are done (view reusable)."""
+        job = self._hasher.submit(self._h.update, view) if len(view) > (1 << 16) else None
+        if job is None:
+            self._h.update(view)
+        done = 0
+        while done < len(view):  # os.write may write less than asked
+            done += os.write(self._fd, view[done:])
+        self.bytes += len(view)
+        if job is not None:
+            job.result()
+
+    def write(self, planned: PlannedTensor, tensor) -> None:
+        """Append a tensor (any torch tensor of the planned dtype and shape)."""
+        import torch
+
+        got = self._expect(planned.name)
+        if dtype_code(tensor.dtype) != got.dtype or tuple(tensor.shape) != got.shape:
+            raise RuntimeError(f"{got.name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                               f"planned {got.dtype} {got.shape}")
+        if got.nbytes:
+            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+            self._write(memoryview(flat.numpy()))
+
+    def copy(self, planned: PlannedTensor, source: SafetensorsFile, name: str) -> None:
+        """Append a tensor's bytes unchanged from `source`: kernel copy, hashed from a map."""
+        got = self._expect(planned.name)
+        info = source.tensors[name]
+        if info.nbytes != got.nbytes or info.dtype != got.dtype:
+            raise RuntimeError(f"{got.name}: raw copy of {info.dtype} into planned {got.dtype}")
+        if not info.nbytes:
+            return
+        with open(source.path, "rb", buffering=0) as fin:
+            start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(fin.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
+            try:
+                with contextlib.suppress(AttributeError, OSError):
+                    mm.madvise(mmap.MADV_SEQUENTIAL)
+                view = memoryview(mm)[info.begin - start:]
+                try:
+                    job = self._hasher.submit(self._h.update, view)
+                    try:
+                        _copy_range(fin.fileno(), self._fd, info.begin, info.nbytes)
+                    finally:
+                        job.result()
+                finally:
+                    view.release()
+            finally:
+                mm.close()
+        self.bytes += info.nbytes
+
+    def finish(self) -> None:
+        """Check every planned tensor arrived and set `digest` (the fsync is `sync_and_close`)."""
+        if self._next != len(self._plan):
+            raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
+        self.digest = "sha256:" + self._h.hexdigest()
+
+    def sync_and_close(self) -> None:
+        """fsync and close (safe in a worker thread: the GIL is released in fsync)."""
+        try:
+            os.fsync(self._fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
+    """Append `count` bytes of `fd_in` from `offset` to `fd_out`: in the kernel when it can."""
+    copy_file_range = getattr(os, "copy_file_range", None)
+    done = 0
+    while done < count:
+        n = count - done
+        k = 0
+        if copy_file_range is not None:
+            try:
+                k = copy_file_range(fd_in, fd_out, min(n, COPY_CHUNK), offset + done)
+            except OSError:
+                copy_file_range = None
+        if not k:
+            chunk = os.pread(fd_in, min(n, 16 << 20), offset + done)
+            if not chunk:
+                raise OSError(f"unexpected end of file copying {count} bytes")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd_out, view):]
+            k = len(chunk)
+        done += k
+
+
+class SafetensorsFolderWriter:
+    """A `TensorWriter` that writes shards (and the index) into `folder`, hashing every file.
+
+    After `finish()`, `files` maps each written file name to its `sha256:<hex>` digest and
+    `weight_map` each tensor to its shard. Use as a context manager: an exception closes
+    every file (the caller removes the folder).
+    """
+
+    def __init__(self, folder: Path, metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.metadata = dict(SHARD_METADATA if metadata is None else metadata)
+        self.files: dict[str, str] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-hash")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
+        self._syncs: list[tuple[HashingShardWriter, Future]] = []
+        self._layout: list[list[PlannedTensor]] = []
+        self._names: list[str] = []
+        self._shard = -1
+        self._left = 0
+        self._current: HashingShardWriter | None = None
+
+    def __enter__(self) -> SafetensorsFolderWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, shards: Sequence[Sequence[PlannedTensor]]) -> None:
+        self._layout = [list(s) for s in shards]
+        self._names = shard_names(len(self._layout))
+        self.total_bytes = sum(t.nbytes for s in self._layout for t in s)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Close the finished shard(s) (fsync in the background) and open the next one."""
+        while self._left == 0:
+            if self._current is not None:
+                self._current.finish()
+                self.files[self._current.path.name] = self._current.digest
+                self._syncs.append((self._current, self._syncer.submit(self._current.sync_and_close)))
+                self._current = None
+            self._shard += 1
+            if self._shard >= len(self._layout):
+                return
+            plan = self._layout[self._shard]
+            self._current = HashingShardWriter(self.folder / self._names[self._shard], plan, self._hasher,
+                                               self.metadata)
+            self._left = len(plan)
+
+    def _target(self, planned: PlannedTensor) -> HashingShardWriter:
+        if self._current is None:
+            raise RuntimeError(f"{planned.name}: more tensors than the layout given to start()")
+        self.weight_map[planned.name] = self._current.path.name
+        return self._current
+
+    def write(self, planned: PlannedTensor, tensor) -> None:
+        self._target(planned).write(planned, tensor)
+        self._left -= 1
+        self._advance()
+
+    def copy(self, planned: PlannedTensor, source: SafetensorsFile, name: str) -> None:
+        self._target(planned).copy(planned, source, name)
+        self._left -= 1
+        self._advance()
+
+    def finish(self) -> dict[str, str]:
+        """Wait for every shard's fsync, write the index when sharded; returns `files`."""
+        if self._current is not None or self._shard < len(self._layout):
+            raise RuntimeError(f"{self.folder}: the merge stopped before the last shard was complete")
+        for _, job in self._syncs:
+            job.result()
+        if len(self._layout) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+            self.files[INDEX_NAME] = write_json(self.folder / INDEX_NAME, index)
+        return dict(self.files)
+
+    def close(self) -> None:
+        """Release threads and file descriptors (idempotent; after an error, too)."""
+        self._syncer.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
+        if self._current is not None:
+            self._current.close()
+        for shard, _ in self._syncs:
+            shard.close()
+
+
+# ----------------------------------------------------------------------------- merge_folder
+
+
+@dataclass
+class MergeReport:
+    output: str
+    tensors_total: int
+    tensors_merged: int
+    keys_used: dict[str, int]
+    weights: dict[str, float]
+    dtype: str
+    accumulate: str
+    shards: int
+    bytes_written: int
+    seconds: float
+    peak_rss_mb: float
+    untied: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # every output file -> sha256 (taken while written)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def merge_folder(
+    base: str | Path | Checkpoint,
+    adapters: Sequence[Adapter],
+    out_dir: str | Path,
+    weights: Sequence[float] | None = None,
+    dtype: str = "auto",
+    accumulate: str = "float32",
+    max_shard_bytes: int | None = None,
+    progress: ProgressFn | None = None,
+) -> MergeReport:
+    """Stream-merge `adapters` into `base` (a folder, a .safetensors file or an open
+    `Checkpoint`), writing a new folder `out_dir`.
+
+    `dtype`: "auto" keeps each tensor's dtype, or one of float16/bfloat16/float32 for all
+    floating tensors (recorded as `torch_dtype` in the copied config.json). An untied
+    embedding pair sets `tie_word_embeddings: false`. `max_shard_bytes`: None keeps the
+    base's sharding, else repacks. Every adapter key is resolved and shape-checked before
+    anything is written; `out_dir` appears only when complete. Raises
+    `MergeError`/`AdapterError`/`ExportError` for bad input.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    refuse_existing(out)
+    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    plan = plan_merge(checkpoint, adapters, weights, dtype, accumulate)
+    edits: dict[str, Any] = {}
+    if dtype != "auto":  # validated by plan_merge
+        edits.update({"torch_dtype": dtype, "dtype": dtype})
+    if plan.untied:
+        edits["tie_word_embeddings"] = False
+    with staged_output(out) as tmp, SafetensorsFolderWriter(tmp) as writer:
+        stats = stream_merge(checkpoint, plan, writer, dtype=dtype, accumulate=accumulate,
+                             max_shard_bytes=max_shard_bytes, progress=progress)
+        files = writer.finish()
+        files.update(copy_side_files(checkpoint.root, tmp, edits, skip=checkpoint.weight_file_names()))
+    return MergeReport(
+        output=str(out),
+        tensors_total=stats.tensors_total,
+        tensors_merged=stats.tensors_merged,
+        keys_used=stats.keys_used,
+        weights={a.label: w for a, w in zip(adapters, weights)},
+        dtype=dtype,
+        accumulate=accumulate,
+        shards=stats.shards,
+        bytes_written=stats.bytes_written,
+        seconds=round(time.perf_counter() - start, 3),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        untied=stats.untied,
+        files=dict(sorted(files.items())),
+    )

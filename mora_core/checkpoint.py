@@ -1,0 +1,214 @@
+"""A base model checkpoint, opened once per run: weight files, index, config, tied pairs.
+
+Why one object: a merge, its ONNX export and its recipe all need the same facts about
+the base (which shards, their validated headers, `config.json`, which tensor a tied
+`lm_head` shares). Opening the folder once and passing the `Checkpoint` along means the
+index is parsed once, every header validated once, and all of them agree.
+
+The folder rule, in one place (`member`): a file is read from a model folder only if it
+is a *regular file* whose real path lies *inside the folder*. A symlink to a sibling is
+followed; a symlink leaving the folder (or pointing at a device, FIFO or directory) is
+refused. The side-file copier of `exporters.outputs` applies the same rule.
+
+`WEIGHT_SUFFIXES` is the one table of weight-file name endings (safetensors, pickles,
+other frameworks): what the merge reads, what a push hashes as the base's identity, what
+is refused as a pickle, and what is never copied as a side file all derive from it.
+
+No torch import here: the registry may read the table and open a checkpoint's headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from mora_core.errors import MergeError
+from mora_core.safetensors_io import SafetensorsFile
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CONFIG_MAX_BYTES = 16 << 20
+
+# name ending -> what the file holds. "pickle" files can run code when loaded: refused.
+WEIGHT_SUFFIXES: dict[str, str] = {
+    ".safetensors": "safetensors",
+    ".bin": "pickle", ".pt": "pickle", ".pth": "pickle", ".pkl": "pickle", ".ckpt": "pickle",
+    ".h5": "keras", ".msgpack": "flax", ".gguf": "gguf",
+    ".onnx": "onnx", ".onnx_data": "onnx", ".onnx.data": "onnx",
+}
+PICKLE_SUFFIXES = tuple(s for s, kind in WEIGHT_SUFFIXES.items() if kind == "pickle")
+INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json, pytorch_model.bin.index.json
+
+# tied output projection -> names its input embedding may have
+TIED_OUTPUT = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def weight_kind(name: str) -> str | None:
+    """What a file of this name holds per `WEIGHT_SUFFIXES` (None: not a weight file)."""
+    lower = name.lower()
+    for suffix, kind in WEIGHT_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return kind
+    return None
+
+
+def is_weight_or_index(name: str) -> bool:
+    """Weights and weight indexes: never copied beside an output, never taken as config."""
+    return weight_kind(name) is not None or name.lower().endswith(INDEX_SUFFIX)
+
+
+def member(root: str | os.PathLike[str], name: str) -> Path:
+    """The real path of `root/name` if the folder rule allows reading it, else `MergeError`.
+
+    Allowed: a regular file whose resolved path lies inside the resolved `root` (so a
+    symlink between files of the folder is fine). Refused, with the reason: a missing
+    file, a name with a path separator or `..`, a symlink that leaves the folder, and
+    anything that is not a regular file.
+    """
+    folder = Path(root)
+    path = folder / name
+    if not name or "/" in name or os.sep in name or name in (".", ".."):
+        raise MergeError(f"{path}: not a plain file name inside {folder}")
+    try:
+        real_root = folder.resolve(strict=True)
+        real = path.resolve(strict=True)
+        st = os.stat(real)
+    except (OSError, RuntimeError):
+        raise MergeError(f"{path}: not found") from None
+    if real.parent != real_root and real_root not in real.parents:
+        raise MergeError(f"{path}: a symbolic link leaving the folder (to {real}); refused")
+    if not stat.S_ISREG(st.st_mode):
+        raise MergeError(f"{path}: not a regular file; refused")
+    return real
+
+
+def is_member(root: str | os.PathLike[str], name: str) -> bool:
+    """Whether `member(root, name)` would allow reading the file."""
+    try:
+        member(root, name)
+    except MergeError:
+        return False
+    return True
+
+
+@dataclass
+class Checkpoint:
+    """A base model's safetensors files (in shard order, headers validated) and its facts."""
+
+    root: Path
+    files: list[SafetensorsFile]
+    config: dict[str, Any] = field(default_factory=dict)
+    weight_map: dict[str, str] | None = None  # the index's tensor -> shard map (sharded bases)
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's stored shape, in file order."""
+        return {n: info.shape for f in self.files for n, info in f.tensors.items()}
+
+    @cached_property
+    def tied(self) -> dict[str, str]:
+        """{tensor the checkpoint omits because it is tied: the tensor it shares}."""
+        shapes = self.shapes
+        if TIED_OUTPUT in shapes or not self.config.get("tie_word_embeddings", True):
+            return {}
+        for name in shapes:
+            if name.endswith(EMBEDDING_SUFFIXES):
+                return {TIED_OUTPUT: name}
+        return {}
+
+    @property
+    def paths(self) -> list[Path]:
+        """The weight files read, in shard order (what the base's identity is hashed from)."""
+        return [f.path for f in self.files]
+
+    def weight_file_names(self) -> set[str]:
+        """Names of the files that hold this checkpoint's weights, index included."""
+        return {f.path.name for f in self.files} | ({INDEX_NAME} if self.weight_map is not None else set())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for f in self.files for info in f.tensors.values())
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a base: a folder with `model.safetensors` or a sharded index, or one .safetensors file.
+
+    Every header is validated and the index checked against the shards before this
+    returns; pickle checkpoints are refused. Raises `MergeError` naming the file.
+    """
+    root = Path(path)
+    if root.is_file():
+        if root.suffix != ".safetensors":
+            raise MergeError(f"{root}: only safetensors weights are read (no pickle checkpoints)")
+        folder = root.parent
+        return Checkpoint(folder, [_open_file(folder, root.name)], _read_config(folder))
+    if not root.is_dir():
+        raise MergeError(f"{root}: base model not found")
+    config = _read_config(root)
+    if (root / INDEX_NAME).exists() or (root / INDEX_NAME).is_symlink():
+        weight_map = _read_index(root)
+        files = [_open_file(root, n) for n in sorted(set(weight_map.values()))]
+        for f in files:
+            for t in f.tensors:
+                if weight_map.get(t) != f.path.name:
+                    raise MergeError(f"{root / INDEX_NAME}: tensor {t} is in {f.path.name} "
+                                     f"but the index says {weight_map.get(t)}")
+        return Checkpoint(root, files, config, weight_map)
+    names = sorted(p.name for p in root.iterdir())
+    if SINGLE_NAME in names:
+        return Checkpoint(root, [_open_file(root, SINGLE_NAME)], config)
+    singles = [n for n in names if n.endswith(".safetensors")]
+    if len(singles) == 1:
+        return Checkpoint(root, [_open_file(root, singles[0])], config)
+    pickles = [n for n in names if weight_kind(n) == "pickle"]
+    if pickles:
+        raise MergeError(f"{root / pickles[0]}: pickle checkpoints are refused; convert the base to safetensors")
+    raise MergeError(f"{root}: no model.safetensors or {INDEX_NAME} in the base folder")
+
+
+def _open_file(root: Path, name: str) -> SafetensorsFile:
+    member(root, name)  # the folder rule, checked before any byte is read
+    return SafetensorsFile(root / name, MergeError)
+
+
+def _read_index(root: Path) -> dict[str, str]:
+    index = member(root, INDEX_NAME)
+    try:
+        weight_map = json.loads(_read_capped(index))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise MergeError(f"{root / INDEX_NAME}: not a valid safetensors index (no weight_map)") from None
+    for n in set(weight_map.values()):
+        if not isinstance(n, str) or "/" in n or n.startswith("."):
+            raise MergeError(f"{root / INDEX_NAME}: shard {n!r} is not a plain file name")
+    return weight_map
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG_NAME
+    if not path.exists() and not path.is_symlink():
+        return {}
+    real = member(root, CONFIG_NAME)
+    try:
+        config = json.loads(_read_capped(real))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{path}: not a JSON object")
+    return config
+
+
+def _read_capped(path: Path, cap: int = CONFIG_MAX_BYTES) -> str:
+    with open(path, "rb") as fh:
+        raw = fh.read(cap + 1)
+    if len(raw) > cap:
+        raise MergeError(f"{path}: larger than {cap >> 20} MiB; not a config or index file")
+    return raw.decode("utf-8")
