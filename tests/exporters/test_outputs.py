@@ -1,0 +1,151 @@
+"""exporters.outputs and exporters.safetensors_out: atomic folders, one side-file rule,
+digests taken while writing (checked against an independent sha256 of the files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from exporters.errors import ExportError
+from exporters.outputs import (
+    SIDE_FILE_MAX_BYTES,
+    copy_side_files,
+    refuse_existing,
+    side_files,
+    staged_output,
+)
+from exporters.safetensors_out import SafetensorsFolderWriter, merge_folder
+from mora_core.adapter import load_adapter
+from mora_core.checkpoint import open_checkpoint
+from mora_core.merge import plan_merge, stream_merge
+from mora_core.safetensors_io import PlannedTensor
+from tests.builders import read_folder, write_mora_adapter, write_tensor_base
+
+
+def sha(path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_staged_output_appears_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"), staged_output(out) as tmp:
+        (tmp / "a").write_text("x")
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.partial-")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with staged_output(out) as tmp:
+        (tmp / "a").write_text("x")
+        assert not out.exists()
+    assert (out / "a").read_text() == "x" and list(tmp_path.iterdir()) == [out]
+
+
+def test_existing_output_is_refused_and_kept(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for p in (tmp_path / "full", tmp_path / "file"):
+        with pytest.raises(ExportError, match="already exists"):
+            refuse_existing(p)
+        with pytest.raises(ExportError, match="already exists"), staged_output(p):
+            pass
+    assert (tmp_path / "full" / "keep").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    with staged_output(tmp_path / "empty") as tmp:
+        (tmp / "x").write_text("1")
+    assert (tmp_path / "empty" / "x").is_file()
+
+
+def test_one_side_file_rule(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        (base / name).write_text("{}")
+    for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "x.ckpt",
+                 "model.onnx", "model.onnx.data", ".hidden"):
+        (base / name).write_text("w")
+    (tmp_path / "secret.txt").write_text("s")
+    (base / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    (base / "inside.txt").symlink_to("tokenizer.json")
+    (base / "sub").mkdir()
+    with open(base / "huge.txt", "wb") as fh:
+        fh.truncate(SIDE_FILE_MAX_BYTES + 1)
+    assert side_files(base) == ["config.json", "generation_config.json", "inside.txt", "tokenizer.json"]
+
+
+def test_side_files_are_hashed_as_written_and_config_edited(tmp_path):
+    base, dest = tmp_path / "base", tmp_path / "dest"
+    base.mkdir()
+    dest.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    (base / "tokenizer_config.json").write_text("{}")
+    digests = copy_side_files(base, dest, {"torch_dtype": "bfloat16", "dtype": "bfloat16", "absent": 1})
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg == {"model_type": "llama", "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    assert digests == {n: sha(dest / n) for n in ("config.json", "tokenizer_config.json")}
+
+
+def _base_and_adapter(tmp_path, shards=2):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(50, 16, generator=g).to(torch.bfloat16)}
+    for i in range(3):
+        tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(16, 16, generator=g).to(torch.bfloat16)
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(16, dtype=torch.bfloat16)
+    write_tensor_base(tmp_path / "base", tensors, shards=shards)
+    write_mora_adapter(tmp_path / "a", {f"model.layers.{i}.self_attn.q_proj": (16, 16) for i in range(3)}, r=4)
+    return tensors
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_merge_folder_reports_the_digest_of_every_output_file(tmp_path, shards):
+    _base_and_adapter(tmp_path, shards)
+    report = merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out")
+    out = tmp_path / "out"
+    on_disk = sorted(p.name for p in out.iterdir())
+    assert sorted(report.files) == on_disk
+    assert report.files == {name: sha(out / name) for name in on_disk}  # raw copies and merged tensors alike
+    assert ("model.safetensors.index.json" in on_disk) == (shards > 1)
+
+
+def test_folder_writer_is_format_only(tmp_path):
+    """The loop sees a TensorWriter; the same stream into another writer gives the same tensors."""
+    tensors = _base_and_adapter(tmp_path)
+    ck = open_checkpoint(tmp_path / "base")
+    plan = plan_merge(ck, [load_adapter(tmp_path / "a")], [1.0])
+
+    class Collect:
+        def __init__(self):
+            self.got, self.layout = {}, None
+
+        def start(self, shards):
+            self.layout = [[t.name for t in s] for s in shards]
+
+        def write(self, planned, tensor):
+            self.got[planned.name] = tensor.clone()
+
+        def copy(self, planned, source, name):
+            self.got[planned.name] = source.read(name)
+
+    c = Collect()
+    stats = stream_merge(ck, plan, c, max_shard_bytes=600)
+    assert stats.shards == len(c.layout) > 2 and set(c.got) == set(tensors)
+    (tmp_path / "o").mkdir()
+    with SafetensorsFolderWriter(tmp_path / "o") as w:
+        stream_merge(ck, plan, w, max_shard_bytes=600)
+        files = w.finish()
+    assert files == {p.name: sha(p) for p in (tmp_path / "o").iterdir()}
+    got = read_folder(tmp_path / "o")
+    for name, t in c.got.items():
+        torch.testing.assert_close(got[name], t, atol=0, rtol=0)
+
+
+def test_writer_refuses_a_stream_that_stops_early(tmp_path):
+    (tmp_path / "o").mkdir()
+    with SafetensorsFolderWriter(tmp_path / "o") as w:
+        layout = [[PlannedTensor("a", "F32", (2,)), PlannedTensor("b", "F32", (2,))]]
+        w.start(layout)
+        w.write(layout[0][0], torch.zeros(2))
+        with pytest.raises(RuntimeError, match="stopped before the last shard"):
+            w.finish()
