@@ -115,29 +115,18 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class SizeType(click.ParamType):
-    """A byte size like `2GB`, `500MB`, `1.5GiB` or `1048576`: positive, whole bytes."""
+    """A byte size like `2GB`, `500MB`, `1.5GiB` or `1048576` (see exporters.pipeline.parse_size)."""
 
     name = "size"
-    UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower()
-        number, unit = text, "b"
-        for u in sorted(self.UNITS, key=len, reverse=True):
-            if text.endswith(u):
-                number, unit = text[: -len(u)].strip(), u
-                break
+        from exporters.errors import ExportError
+        from exporters.pipeline import parse_size
+
         try:
-            n = float(number)
-        except ValueError:
-            self.fail(f"{value!r} is not a size like 2GB or 500MB", param, ctx)
-        size = n * self.UNITS[unit]
-        if not (size >= 1 and size == size and size < 2**63) or size != int(size):
-            self.fail(f"{value!r} is not a positive whole number of bytes", param, ctx)
-        return int(size)
+            return parse_size(value)
+        except ExportError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 # ----------------------------------------------------------------------------- output

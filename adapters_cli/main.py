@@ -14,6 +14,12 @@ from collections.abc import Callable
 import click
 
 
+def _batch():
+    from adapters_cli import batch
+
+    return batch
+
+
 def _store():
     from adapters_cli import store
 
@@ -37,6 +43,7 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >
 # command name -> loader. Kept sorted for `adapters --help`.
 COMMANDS: dict[str, Callable[[], click.Command]] = {
     "audit": lambda: _store().audit,
+    "batch": lambda: _batch().batch,
     "db": lambda: _store().db,
     "gc": lambda: _store().gc,
     "lineage": lambda: _store().lineage,

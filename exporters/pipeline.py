@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 ONNX_DTYPES = ("auto", "float32", "float16")
 ACCUMULATE = ("float32", "float64")
 ProgressFn = Callable[[int, int, str], None]
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass
@@ -46,6 +50,8 @@ class MergeOptions:
         allow_base_mismatch: merge a registry version onto a base other than the one recorded.
         home, db_url: the registry (for references and registration).
         register: record the output as an artifact (ONNX: only when validated).
+        replace_output: an existing `out_dir` is replaced, atomically, once the new output is
+            complete (batch jobs re-run on changed inputs); otherwise it must not exist.
         progress: `(done, total, what)` callback for long stages.
     """
 
@@ -66,6 +72,7 @@ class MergeOptions:
     home: Path | None = None
     db_url: str | None = None
     register: bool = True
+    replace_output: bool = False
     progress: ProgressFn | None = field(default=None, repr=False)
 
     def weight_list(self) -> list[float]:
@@ -96,7 +103,7 @@ class MergeOptions:
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ExportError(f"--{name} {v}: a finite, non-negative number is needed")
         out = Path(self.out_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not self.replace_output and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ExportError(f"{out}: output already exists; choose another -o or remove it")
 
 
@@ -107,15 +114,20 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     weights = opts.weight_list()
     from exporters.inputs import register_output, resolve_adapters
 
+    final = Path(opts.out_dir)
+    replacing = opts.replace_output and final.exists()
+    build = final.parent / f".{final.name}.replacement-{os.getpid()}" if replacing else final
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
         stack.callback(registry.close)
+        if replacing:
+            stack.callback(shutil.rmtree, build, ignore_errors=True)
         resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         if opts.target == "safetensors":
             from exporters.safetensors_out import merge_folder
 
-            report = merge_folder(opts.base_dir, loaded, opts.out_dir, weights, dtype=opts.dtype,
+            report = merge_folder(opts.base_dir, loaded, build, weights, dtype=opts.dtype,
                                   accumulate=opts.accumulate, max_shard_bytes=opts.max_shard_bytes,
                                   progress=opts.progress).to_dict()
             summary: dict[str, Any] = {"to": "safetensors", **report}
@@ -123,18 +135,57 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             from exporters.onnx_export import export_merged_onnx
 
             summary = {"to": "onnx", **export_merged_onnx(
-                opts.base_dir, loaded, weights, opts.out_dir,
+                opts.base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
                 accumulate=opts.accumulate, progress=opts.progress)}
+        if replacing:
+            _swap_into_place(build, final)
+            summary["output"] = str(final)
+            summary["replaced"] = True
         summary["adapters"] = [r.describe(w) for r, w in zip(resolved, weights)]
         effective_dtype = summary.get("dtype", opts.dtype) if opts.target == "onnx" else opts.dtype
         if opts.register and (opts.target == "safetensors" or opts.validate):
             summary["artifact"] = register_output(
-                registry.get(), opts.target, opts.out_dir, opts.base_dir, resolved, weights,
+                registry.get(), opts.target, final, opts.base_dir, resolved, weights,
                 effective_dtype, opts.accumulate, summary)
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _swap_into_place(new: Path, final: Path) -> None:
+    """Replace the folder `final` by the complete folder `new`: two renames, the old one then removed."""
+    old = final.parent / f".{final.name}.replaced-{os.getpid()}"
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_size(text: str | int) -> int:
+    """A byte size like `2GB`, `500MB`, `1.5GiB` or `1048576`: a positive whole number of bytes.
+
+    Raises `ExportError` naming the text otherwise (also for `-5`, `0.5b`, `nan`).
+    """
+    if isinstance(text, bool):
+        raise ExportError(f"size {text!r} is not a size like 2GB or 500MB")
+    if isinstance(text, int):
+        n, unit = float(text), "b"
+    else:
+        t = str(text).strip().lower()
+        unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if t.endswith(u)), "b")
+        number = t[: -len(unit)].strip() if t.endswith(unit) else t
+        try:
+            n = float(number)
+        except ValueError:
+            raise ExportError(f"size {text!r} is not a size like 2GB or 500MB") from None
+    size = n * SIZE_UNITS[unit]
+    if not (math.isfinite(size) and 1 <= size < 2**63) or size != int(size):
+        raise ExportError(f"size {text!r} is not a positive whole number of bytes")
+    return int(size)
 
 
 class _RegistryHandle:

@@ -28,6 +28,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import audit as audit_log
+from registry import jobs
 from registry.blobs import BlobStore, Progress, Staged, hash_file
 from registry.db import ensure_schema, is_sqlite, make_engine
 from registry.errors import IntegrityError, RegistryError
@@ -572,6 +573,49 @@ class Registry:
     def artifact(self, ref: str) -> ArtifactInfo:
         with self._read() as s:
             return self._artifact_info(s, self._artifact_row(s, ref))
+
+    def file_digests(self, paths: Sequence[Path]) -> dict[str, str]:
+        """{file name: `sha256:<hex>`} of regular files (one read each)."""
+        return {Path(p).name: hash_file(Path(p))[0] for p in paths}
+
+    def check_artifact(self, ref: str) -> list[str]:
+        """Problems of one artifact's files (missing, altered); [] when every file matches its record."""
+        info = self.artifact(ref)
+        root = Path(info.path)
+        problems = []
+        for rel, digest in info.files.items():
+            p = root if root.is_file() else root / rel
+            if not p.is_file():
+                problems.append(f"{info.ref}: {p} is missing")
+            elif hash_file(p)[0] != digest:
+                problems.append(f"{info.ref}: {p} is altered (digest differs from the record)")
+        return problems
+
+    # ------------------------------------------------------------------ batch jobs
+    def claim_job(self, key: str, output: str, owner: str, *, reuse_done: bool = True) -> jobs.Claim:
+        """Lease job `key` for `owner`, or say it is cached / run by a live owner (see registry.jobs)."""
+        with self._writing() as s:
+            return jobs.claim(s, key, output, owner, reuse_done=reuse_done)
+
+    def renew_jobs(self, keys: Sequence[str], owner: str) -> None:
+        with self._writing() as s:
+            jobs.renew(s, list(keys), owner)
+
+    def finish_job(self, key: str, owner: str, artifact_ref: str | None, error: str | None = None) -> None:
+        """Record a job's result: the artifact it registered, or its error."""
+        with self._writing() as s:
+            artifact_id = self._artifact_row(s, artifact_ref).id if artifact_ref else None
+            jobs.finish(s, key, owner, artifact_id, error)
+
+    def release_job(self, key: str, owner: str) -> None:
+        with self._writing() as s:
+            jobs.release(s, key, owner)
+
+    def batch_output(self, output: str) -> str | None:
+        """The artifact ref of the batch job that last wrote `output`, if any."""
+        with self._read() as s:
+            row = jobs.wrote_output(s, output)
+            return f"artifact:{row.artifact_id}" if row is not None and row.artifact_id else None
 
     # ------------------------------------------------------------------ lineage
     def lineage(self, ref: str, max_depth: int = 1000) -> dict[str, Any]:

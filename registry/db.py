@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from registry.errors import RegistryError
 
 # The newest migration in migrations/versions (a test checks this against alembic's head).
-SCHEMA_HEAD = "0001_initial"
+SCHEMA_HEAD = "0002_batch_jobs"
 BUSY_TIMEOUT_S = 300
 
 

@@ -155,3 +155,23 @@ class AuditEvent(Base):
         Index("ix_audit_name", "name", "seq"),
         Index("ix_audit_subject", "subject", "seq"),
     )
+
+
+class BatchJob(Base):
+    """One job of `adapters batch`, keyed by the digest of its inputs: its lease and its result.
+
+    `status` is running (a live owner holds the lease until `lease_expires`), done (it
+    produced `artifact_id`) or failed (`error`). A lease whose owner died or expired can be
+    taken over; a done job is the cache.
+    """
+
+    __tablename__ = "batch_jobs"
+    key: Mapped[str] = mapped_column(DIGEST, primary_key=True)
+    output: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    __table_args__ = (Index("ix_batch_jobs_output", "output"),)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from registry.db import SCHEMA_HEAD
 from tests.conftest import store_snapshot
 
 
@@ -54,7 +55,7 @@ def test_session_push_list_show_tag_lineage_pull(run_cli, make_adapter, tmp_path
     assert run_cli("gc", "--dry-run").out.startswith("would free 0 B")
     assert run_cli("rm", "team/y:1").out.strip() == "deleted team/y:1"
     assert run_cli("gc", "--json").json()["bytes_freed"] > 0
-    assert run_cli("db", "upgrade").out.strip() == "schema already at 0001_initial"
+    assert run_cli("db", "upgrade").out.strip() == f"schema already at {SCHEMA_HEAD}"
 
 
 def test_verify_exit_code_on_damage(run_cli, make_adapter, reg):

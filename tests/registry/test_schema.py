@@ -50,9 +50,9 @@ def test_db_upgrade_command_on_fresh_sqlite(tmp_path):
 
     res = CliRunner().invoke(cli, ["db", "upgrade", "--home", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
-    assert '"to": "0001_initial"' in res.stdout and '"from": null' in res.stdout
+    assert f'"to": "{SCHEMA_HEAD}"' in res.stdout and '"from": null' in res.stdout
     res = CliRunner().invoke(cli, ["db", "upgrade", "--home", str(tmp_path)])
-    assert res.stdout.strip() == "schema already at 0001_initial"
+    assert res.stdout.strip() == f"schema already at {SCHEMA_HEAD}"
 
 
 def test_outdated_server_schema_asks_for_upgrade(reg, db_url, registry_home):
