@@ -20,6 +20,12 @@ def _batch():
     return batch
 
 
+def _ui():
+    from adapters_cli.ui import command
+
+    return command
+
+
 def _store():
     from adapters_cli import store
 
@@ -56,6 +62,7 @@ COMMANDS: dict[str, Callable[[], click.Command]] = {
     "show": lambda: _store().show,
     "tag": lambda: _store().tag,
     "untag": lambda: _store().untag,
+    "ui": lambda: _ui().ui,
     "verify": lambda: _store().verify,
 }
 

@@ -174,7 +174,7 @@ def rm(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
 
 @click.command("lineage")
 @click.argument("ref")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "mermaid"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "mermaid", "svg"]), default="text")
 @store_options
 @command
 def lineage(ref: str, fmt: str, home: str | None, db_url: str | None, as_json: bool) -> None:
@@ -194,6 +194,7 @@ def verify(home: str | None, db_url: str | None, as_json: bool) -> None:
     prog = ProgressLine(verb="verify")
     rep = reg.verify(progress=prog.add)
     prog.close()
+    reg.record_verify(rep.to_dict())  # what `adapters ui` shows as the last verify
     if as_json:
         emit_json(rep.to_dict())
     else:

@@ -578,6 +578,26 @@ class Registry:
         """{file name: `sha256:<hex>`} of regular files (one read each)."""
         return {Path(p).name: hash_file(Path(p))[0] for p in paths}
 
+    # ------------------------------------------------------------------ last verify (for the web view)
+    def record_verify(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Keep `report` (a VerifyReport dict) as this home's last verify result, stamped; returns it."""
+        from registry.audit import now_iso
+
+        record = {**report, "finished": now_iso()}
+        path = self.home / "last-verify.json"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+        return record
+
+    def last_verify(self) -> dict[str, Any] | None:
+        """The last report `record_verify` kept, or None when verify never ran from this home."""
+        path = self.home / "last-verify.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     def check_artifact(self, ref: str) -> list[str]:
         """Problems of one artifact's files (missing, altered); [] when every file matches its record."""
         info = self.artifact(ref)

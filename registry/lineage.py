@@ -1,4 +1,4 @@
-"""Rendering a lineage graph (from `Registry.lineage`) as text, JSON, Graphviz dot or Mermaid.
+"""Rendering a lineage graph (from `Registry.lineage`) as text, JSON, Graphviz dot, Mermaid or SVG.
 
 Every label can hold free text from the database (`--base-model`, artifact paths), so each
 format escapes it for its own syntax (`_dot_text`, `_mermaid_text`, `_plain`): whatever a
@@ -46,6 +46,10 @@ def _plain(text: str) -> str:
 
 def render(graph: dict[str, Any], fmt: str) -> str:
     """`fmt` is text, json, dot or mermaid."""
+    if fmt == "svg":
+        from registry.lineage_svg import render_svg
+
+        return render_svg(graph)
     if fmt == "json":
         return json.dumps(graph, indent=2)
     nodes = {n["id"]: n for n in graph["nodes"]}
