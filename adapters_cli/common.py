@@ -129,10 +129,55 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def complete_ref(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of references from the store (never creates a store; silent on any error)."""
+    import os
+    from pathlib import Path
+
+    from click.shell_completion import CompletionItem
+
+    home = ctx.params.get("home") or os.environ.get("ADAPTERS_HOME")
+    db_url = ctx.params.get("db_url") or os.environ.get("ADAPTERS_DB_URL")
+    try:
+        from registry.api import Registry, resolve_url
+
+        if home is None:
+            import platformdirs
+
+            home = platformdirs.user_data_dir("adapters", appauthor=False)
+        url = db_url or resolve_url(Path(home))
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+            return []  # no store here: nothing to complete, and nothing is created
+        with Registry.open(home, db_url) as reg:
+            return [CompletionItem(r) for r in reg.complete_refs(incomplete)]
+    except Exception:  # completion must never print a traceback into the user's shell
+        return []
+
+
 # ----------------------------------------------------------------------------- output
 
+def to_json(obj: Any, indent: int = 2) -> str:
+    """Indented JSON in which a list of plain values (token ids, shapes, weights) stays on one line."""
+
+    def enc(o: Any, level: int) -> str:
+        inner, pad = " " * (indent * (level + 1)), " " * (indent * level)
+        if isinstance(o, dict):
+            if not o:
+                return "{}"
+            items = [f"{inner}{json.dumps(k if isinstance(k, str) else str(k))}: {enc(v, level + 1)}"
+                     for k, v in o.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(o, (list, tuple)):
+            if not any(isinstance(x, (dict, list, tuple)) for x in o):
+                return json.dumps(list(o), default=str)
+            return "[\n" + ",\n".join(inner + enc(x, level + 1) for x in o) + "\n" + pad + "]"
+        return json.dumps(o, default=str)
+
+    return enc(obj, 0)
+
+
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    click.echo(to_json(obj))
 
 
 def table(rows: list[list[str]], header: list[str]) -> None:

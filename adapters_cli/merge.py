@@ -11,13 +11,20 @@ from typing import Any
 
 import click
 
-from adapters_cli.common import ProgressLine, SizeType, emit_json, run_guarded, store_options
+from adapters_cli.common import (
+    ProgressLine,
+    SizeType,
+    complete_ref,
+    emit_json,
+    run_guarded,
+    store_options,
+)
 
 DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", shell_complete=complete_ref)
 @click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
               help="Base model folder (config.json + safetensors, sharded or not).")
 @click.option("--to", "target", required=True, type=click.Choice(["safetensors", "onnx"]),

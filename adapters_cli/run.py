@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from adapters_cli.common import UserError, run_guarded, store_options
+from adapters_cli.common import UserError, emit_json, run_guarded, store_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,7 +149,7 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
                                 "mean_pooled_norm": float(np.linalg.norm(pooled)),
                                 "first": [round(float(v), 6) for v in pooled[:4]]}
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        emit_json(summary)
         return
     click.echo(f"provider  {used}")
     click.echo(f"input     {len(token_ids)} tokens")

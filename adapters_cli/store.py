@@ -14,6 +14,7 @@ import click
 
 from adapters_cli.common import (
     ProgressLine,
+    complete_ref,
     emit_json,
     guarded,
     human_size,
@@ -64,7 +65,16 @@ def _where(reg) -> str:
 def push(folder: str, name: str, base_model: str | None, base_revision: str | None, base_dir: str | None,
          parent: str | None, tags: tuple[str, ...], meta: tuple[str, ...], message: str | None,
          home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Store FOLDER (a PEFT adapter) as the next immutable version of NAME; print its reference."""
+    """Store FOLDER (a PEFT adapter) as the next immutable version of NAME; print its reference.
+
+    Identical content answers the existing version. LoRA, DoRA, rsLoRA and MoRA folders are
+    validated first; pickles are refused.
+
+    \b
+    Examples:
+      adapters push ./my-mora --name team/llama-mora --base-model meta-llama/Llama-3-8B --tag prod
+      adapters push ./my-mora-v2 --name team/llama-mora --parent team/llama-mora:1 --meta dataset=alpaca
+    """
     reg = _open(home, db_url)
     prog = ProgressLine(verb="push")
     info = reg.push(folder, name, base_model=base_model, base_revision=base_revision, base_dir=base_dir,
@@ -74,12 +84,18 @@ def push(folder: str, name: str, base_model: str | None, base_revision: str | No
 
 
 @click.command("pull")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @click.option("-o", "--output", type=click.Path(), help="Output folder (default ./<name>-<N>).")
 @store_options
 @command
 def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Write REF as a PEFT adapter folder, verifying every digest."""
+    """Write REF as a PEFT adapter folder, verifying every digest.
+
+    \b
+    Examples:
+      adapters pull team/llama-mora@prod -o ./prod-adapter
+      adapters pull team/llama-mora:2 --json
+    """
     reg = _open(home, db_url)
     prog = ProgressLine(verb="pull")
     path = reg.pull(ref, output, progress=prog.add)
@@ -92,7 +108,7 @@ def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_
 
 
 @click.command("list")
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=complete_ref)
 @click.option("--base-model", help="Only versions on this base model.")
 @click.option("--where", multiple=True, help="KEY=VALUE on metadata or kind/author/r/mora_type/base_revision.")
 @click.option("--limit", default=50, show_default=True, type=COUNT, help="At most N versions (0: all).")
@@ -101,7 +117,14 @@ def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_
 @command
 def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limit: int, offset: int,
           home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Versions, newest first."""
+    """Versions, newest first (all, or those of NAME).
+
+    \b
+    Examples:
+      adapters list
+      adapters list team/llama-mora --where dataset=alpaca --where kind=mora
+      adapters list --base-model meta-llama/Llama-3-8B --limit 20 --offset 20 --json
+    """
     reg = _open(home, db_url)
     rows = reg.list(name, base_model=base_model, where=list(where), limit=limit, offset=offset)
     if as_json:
@@ -118,11 +141,17 @@ def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limi
 
 
 @click.command("show")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @store_options
 @command
 def show(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Everything recorded about a version (or an artifact:ID)."""
+    """Everything recorded about a version (or an artifact:ID).
+
+    \b
+    Examples:
+      adapters show team/llama-mora@prod
+      adapters show artifact:3 --json
+    """
     reg = _open(home, db_url)
     info = reg.show(ref)
     d = info.to_dict()
@@ -138,12 +167,17 @@ def show(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
 
 
 @click.command("tag")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @click.argument("alias")
 @store_options
 @command
 def tag(ref: str, alias: str, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Point NAME@ALIAS at REF (moves it if it exists; audited)."""
+    """Point NAME@ALIAS at REF (moves it if it exists; audited).
+
+    \b
+    Example:
+      adapters tag team/llama-mora:2 prod
+    """
     info = _open(home, db_url).tag(ref, alias)
     if as_json:
         emit_json({"alias": f"{info.name}@{alias}", "ref": info.ref, "digest": info.digest})
@@ -152,33 +186,50 @@ def tag(ref: str, alias: str, home: str | None, db_url: str | None, as_json: boo
 
 
 @click.command("untag")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_ref)
 @click.argument("alias")
 @store_options
 @command
 def untag(name: str, alias: str, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Remove NAME@ALIAS (audited)."""
+    """Remove NAME@ALIAS (audited).
+
+    \b
+    Example:
+      adapters untag team/llama-mora staging
+    """
     was = _open(home, db_url).untag(name, alias)
     emit_json({"alias": f"{name}@{alias}", "was": was}) if as_json else click.echo(f"{name}@{alias} removed (was {was})")
 
 
 @click.command("rm")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @store_options
 @command
 def rm(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Delete a version nothing derives from (audited; its bytes go at the next gc)."""
+    """Delete a version nothing derives from (audited; its bytes go at the next gc).
+
+    \b
+    Example:
+      adapters rm team/llama-mora:3
+    """
     label = _open(home, db_url).delete(ref)
     emit_json({"deleted": label}) if as_json else click.echo(f"deleted {label}")
 
 
 @click.command("lineage")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "mermaid", "svg"]), default="text")
 @store_options
 @command
 def lineage(ref: str, fmt: str, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Ancestors (parents, base model) and descendants (child versions, merged artifacts)."""
+    """Ancestors (parents, base model) and descendants (child versions, merged artifacts).
+
+    \b
+    Examples:
+      adapters lineage team/llama-mora:1
+      adapters lineage team/llama-mora@prod --format dot | dot -Tpng > lineage.png
+      adapters lineage team/llama-mora@prod --format svg > lineage.svg
+    """
     from registry.lineage import render
 
     graph = _open(home, db_url).lineage(ref)
@@ -189,7 +240,15 @@ def lineage(ref: str, fmt: str, home: str | None, db_url: str | None, as_json: b
 @store_options
 @command
 def verify(home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Re-hash every blob and artifact file, walk the audit chain; exit 1 if anything is wrong."""
+    """Re-hash every blob and artifact file, walk the audit chain; exit 1 if anything is wrong.
+
+    The result is kept as the store's last verify (shown by `adapters ui`).
+
+    \b
+    Examples:
+      adapters verify
+      adapters verify --json
+    """
     reg = _open(home, db_url)
     prog = ProgressLine(verb="verify")
     rep = reg.verify(progress=prog.add)
@@ -212,7 +271,13 @@ def verify(home: str | None, db_url: str | None, as_json: bool) -> None:
 @store_options
 @command
 def gc(dry_run: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Remove blobs no version references and leftovers of interrupted writes."""
+    """Remove blobs no version references and leftovers of interrupted writes.
+
+    \b
+    Examples:
+      adapters gc --dry-run
+      adapters gc --json
+    """
     rep = _open(home, db_url).gc(dry_run=dry_run)
     if as_json:
         emit_json(rep.to_dict())
@@ -222,12 +287,18 @@ def gc(dry_run: bool, home: str | None, db_url: str | None, as_json: bool) -> No
 
 
 @click.command("audit")
-@click.argument("ref", required=False)
+@click.argument("ref", required=False, shell_complete=complete_ref)
 @click.option("--limit", type=COUNT, default=None, help="Only the N newest events (0: all).")
 @store_options
 @command
 def audit(ref: str | None, limit: int | None, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Audit events, oldest first (all, or those of REF)."""
+    """Audit events, oldest first (all, or those of REF).
+
+    \b
+    Examples:
+      adapters audit --limit 20
+      adapters audit team/llama-mora:2 --json
+    """
     events = _open(home, db_url).events(ref, limit=limit)
     if as_json:
         emit_json(events)
@@ -238,14 +309,24 @@ def audit(ref: str | None, limit: int | None, home: str | None, db_url: str | No
 
 @click.group("db")
 def db() -> None:
-    """Database schema management."""
+    """Database schema management.
+
+    \b
+    Example:
+      adapters db upgrade --db-url postgresql+psycopg://user@host/adapters
+    """
 
 
 @db.command("upgrade")
 @store_options
 @command
 def db_upgrade(home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Upgrade the registry schema to the newest migration (needed on PostgreSQL after updates)."""
+    """Upgrade the registry schema to the newest migration (needed on PostgreSQL after updates).
+
+    \b
+    Example:
+      adapters db upgrade --db-url postgresql+psycopg://user@host/adapters
+    """
     from registry.api import resolve_home, resolve_url
     from registry.db import SCHEMA_HEAD, make_engine, upgrade
 

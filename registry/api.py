@@ -598,6 +598,24 @@ class Registry:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def complete_refs(self, prefix: str, limit: int = 50) -> list[str]:
+        """References starting with `prefix`, for shell completion: names, `name:N`, `name@alias`."""
+        with self._read() as s:
+            if "@" in prefix:
+                name, _, start = prefix.partition("@")
+                rows = s.scalars(select(Alias.alias).join(Name, Name.id == Alias.name_id)
+                                 .where(Name.name == name, Alias.alias.startswith(start, autoescape=True))
+                                 .order_by(Alias.alias).limit(limit))
+                return [f"{name}@{a}" for a in rows]
+            if ":" in prefix and not prefix.startswith("artifact"):
+                name, _, start = prefix.rpartition(":")
+                rows = s.scalars(select(Version.number).join(Name, Name.id == Version.name_id)
+                                 .where(Name.name == name).order_by(Version.number.desc()))
+                return [f"{name}:{n}" for n in rows if str(n).startswith(start)][:limit]
+            names = list(s.scalars(select(Name.name).where(Name.name.startswith(prefix, autoescape=True))
+                                   .order_by(Name.name).limit(limit)))
+        return names + (["artifact:"] if "artifact".startswith(prefix) and prefix else [])
+
     def check_artifact(self, ref: str) -> list[str]:
         """Problems of one artifact's files (missing, altered); [] when every file matches its record."""
         info = self.artifact(ref)
