@@ -8,12 +8,14 @@ unless the user allows it.
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporters.errors import ExportError
 from mora_core.adapter import Adapter, load_adapter
 from mora_core.errors import MergeError
 from registry.blobs import hash_file
@@ -40,7 +42,7 @@ def resolve_adapters(args: Sequence[str], base_dir: Path, registry: Callable[[],
         if path.is_dir():
             out.append(ResolvedAdapter(arg, load_adapter(path), str(path), None))
             continue
-        version = registry().resolve(arg)
+        version = _resolve(registry, arg, path)
         mismatches = registry().check_base(version.ref, base_dir)
         if mismatches and not allow_base_mismatch:
             raise MergeError(f"{version.ref} was pushed for another base than {base_dir}: {mismatches[0]} "
@@ -48,6 +50,32 @@ def resolve_adapters(args: Sequence[str], base_dir: Path, registry: Callable[[],
         folder = registry().materialize(version.ref)
         out.append(ResolvedAdapter(arg, load_adapter(folder, label=version.ref), version.ref, version))
     return out
+
+
+def _resolve(registry: Callable[[], Any], arg: str, path: Path) -> Any:
+    """The registry version `arg` names; a mistyped folder is reported as one, not as a bad name."""
+    from registry.errors import RegistryError
+    from registry.names import parse_ref
+
+    if path.exists():
+        raise ExportError(f"{arg}: not an adapter folder (it is a file)")
+    looks_like_path = arg.startswith((".", "/", "~")) or os.sep in arg and not _is_ref(parse_ref, arg)
+    if looks_like_path or not _is_ref(parse_ref, arg):
+        raise ExportError(f"{arg}: no such adapter folder (and not a registry reference)")
+    try:
+        return registry().resolve(arg)
+    except RegistryError as exc:
+        if str(exc).startswith("unknown adapter"):
+            raise ExportError(f"{arg}: no such adapter folder, and {exc} in the registry") from None
+        raise
+
+
+def _is_ref(parse_ref: Callable[[str], Any], arg: str) -> bool:
+    try:
+        parse_ref(arg)
+    except ValueError:
+        return False
+    return True
 
 
 def tool_versions() -> dict[str, str]:

@@ -7,7 +7,9 @@ One module for the rules every output follows, whatever its format:
 - `staged_output`: the output is built in a temporary folder *beside* the target (same
   file system, so the final rename is atomic), every file and the folder are fsynced,
   the folder is renamed into place, and the parent folder fsynced; any exception
-  removes the temporary folder and leaves nothing at the target;
+  removes the temporary folder and leaves nothing at the target. The writer holds an
+  flock on that folder, so the next run removes partial folders of killed writers
+  (`remove_abandoned_partials`) and never a live one's;
 - `copy_side_files`: the base's small files (config.json, tokenizer and generation
   files) travel with the output under ONE rule: the folder rule of
   `mora_core.checkpoint.member` (regular files, no symlink leaving the folder), hidden
@@ -20,6 +22,7 @@ One module for the rules every output follows, whatever its format:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -32,6 +35,11 @@ from exporters.errors import ExportError
 from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member
 from mora_core.errors import MergeError
 from registry.blobs import fsync_dir
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
 
 SIDE_FILE_MAX_BYTES = 64 << 20
 
@@ -52,10 +60,12 @@ def staged_output(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     refuse_existing(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_abandoned_partials(out)
+    tmp = partial_path(out, os.getpid())
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    lock = _hold(tmp)  # held until the folder is renamed or removed: a live writer's mark
     try:
         yield tmp
         fsync_dir(tmp)
@@ -66,6 +76,51 @@ def staged_output(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+PARTIAL = ".partial-"
+
+
+def partial_path(out: Path, pid: int) -> Path:
+    """The folder process `pid` builds the output `out` in: `.<name>.partial-<pid>` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}{PARTIAL}{pid}"
+
+
+def _hold(folder: Path) -> int:
+    """Open `folder` and take an exclusive flock on it; returns the descriptor (close to release)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_abandoned_partials(out: Path) -> list[Path]:
+    """Remove `.<name>.partial-*` folders beside `out` that no live writer holds (a killed merge
+    leaves them: up to the whole output's size). A writer holds an flock on its folder for its
+    whole life, so a folder whose lock can be taken belongs to a process that is gone."""
+    out = Path(out)
+    removed = []
+    if fcntl is None or not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f".{glob.escape(out.name)}{PARTIAL}*"):
+        if p.is_symlink() or not p.is_dir() or not (p.name[len(out.name) + 1 + len(PARTIAL):].isascii() and p.name[len(out.name) + 1 + len(PARTIAL):].isdigit()):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer
+        finally:
+            os.close(fd)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def fsync_file(path: Path) -> None:
