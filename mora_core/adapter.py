@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mora_core.checkpoint import weight_kind
 from mora_core.errors import AdapterError, MergeError
 from mora_core.mora import MoraOperator, mora_rank
 from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp
@@ -26,7 +27,6 @@ from mora_core.spec import AdapterSpec, read_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PEFT_PREFIX = "base_model.model."
 
 _LORA_SUFFIXES = {
@@ -169,7 +169,7 @@ def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
     config, spec = read_config(folder / CONFIG_NAME)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        pickles = [p for p in PICKLE_NAMES if (folder / p).exists()]
+        pickles = sorted(p.name for p in folder.glob("adapter_model.*") if weight_kind(p.name) == "pickle")
         if pickles:
             raise AdapterError(
                 f"{folder / pickles[0]}: pickle checkpoints are refused (they can run code); "
