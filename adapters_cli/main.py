@@ -38,6 +38,12 @@ def _merge():
     return merge
 
 
+def _serve():
+    from adapters_cli import serve
+
+    return serve
+
+
 def _run():
     from adapters_cli import run
 
@@ -51,10 +57,12 @@ COMMANDS: dict[str, Callable[[], click.Command]] = {
     "audit": lambda: _store().audit,
     "batch": lambda: _batch().batch,
     "db": lambda: _store().db,
+    "export": lambda: _serve().export,
     "gc": lambda: _store().gc,
     "lineage": lambda: _store().lineage,
     "list": lambda: _store().list_,
     "merge": lambda: _merge().merge,
+    "pack": lambda: _serve().pack,
     "pull": lambda: _store().pull,
     "push": lambda: _store().push,
     "rm": lambda: _store().rm,

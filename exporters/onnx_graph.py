@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,18 @@ def export_graph(model: torch.nn.Module, spec: GraphSpec, dtype: str, opset: int
     wrapper = PlainWrapper(export_model, spec.task).eval()
     example, dynamic = _plain_example(model)
     model_type = getattr(model.config, "model_type", type(model).__name__)
+    return export_module(wrapper, example, dynamic, spec.input_names, spec.output_names, opset, path, external,
+                         model_type)
+
+
+def export_module(wrapper: torch.nn.Module, example: tuple, dynamic: dict, input_names: Sequence[str],
+                  output_names: Sequence[str], opset: int | None, path: Path, external: bool,
+                  model_type: str) -> int:
+    """`torch.onnx.export(dynamo=True, optimize=True)` of a ready wrapper, quietly; saved and checked.
+
+    The one place the exporter is called (merged and slot graphs alike); a failure is an
+    `ExportError` naming `model_type`. Returns the graph's opset.
+    """
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in quiet]
     try:
@@ -89,7 +102,7 @@ def export_graph(model: torch.nn.Module, spec: GraphSpec, dtype: str, opset: int
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper, example, None, input_names=list(spec.input_names), output_names=list(spec.output_names),
+                wrapper, example, None, input_names=list(input_names), output_names=list(output_names),
                 opset_version=opset, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
             program.save(str(path), external_data=external)
         import onnx

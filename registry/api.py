@@ -47,7 +47,7 @@ from registry.models import (
 )
 from registry.names import Ref, check_alias, check_name, parse_ref
 
-ARTIFACT_KINDS = ("safetensors", "onnx")
+ARTIFACT_KINDS = ("safetensors", "onnx", "onnx_slots", "onnx_adapter")
 BUILTIN_WHERE = {"kind": Version.kind, "author": Version.author, "base_revision": Version.base_revision,
                  "r": Version.r, "mora_type": Version.mora_type}
 MAX_META = 64

@@ -1,0 +1,124 @@
+"""The adapter branches of a slot graph, written in torch ops that export to plain ONNX operators.
+
+MoRA is exported with its structure (arXiv 2405.12130), never as a dense matrix:
+
+- compress: types 1/4/6 lay the input positions out cyclically (`Concat`/`Slice` when the
+  features must wrap), `Reshape` to `[n_blocks, r_hat]`, then `ReduceSum` over the blocks
+  (types 1/4) or keep them apart (type 6); types 2/3 sum contiguous feature groups (two
+  `Reshape` + `ReduceSum`, the first `in % r_hat` groups one longer);
+- type 6 rotates each block (RoPE: `x cos + rotate_half(x) sin`, constant tables);
+- the square matrix `M` (`MatMul`), the only learned part;
+- decompress: one `Gather` of the output features from the `r_hat` (or `n_blocks*r_hat`)
+  results: tiling for types 1/3/6, repeat-each for types 2/4.
+
+The index maps come from `mora_core.mora.MoraOperator`, so the graph and the merge share
+one definition. `mora_dense_matrices` gives the same operator as a dense factorisation
+(`D core(M) C`), only to measure what the structure buys (bench/).
+
+Mixed batches (Punica's idea in standard operators): per row, the adapter's weights are
+gathered from a stack (`Gather` on the adapter index) and applied with a batched
+`MatMul`; the last entry of each stack is zero (the base model, index -1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mora_core.mora import MoraOperator, rope_tables
+
+
+def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(x A^T) B^T`, A `[rank, in]`, B `[out, rank]` (scale folded into B)."""
+    return torch.matmul(torch.matmul(x, a.transpose(0, 1)), b.transpose(0, 1))
+
+
+class MoraBranch:
+    """The fixed operators of one MoRA slot, with their constants built eagerly.
+
+    Built outside any tracing on purpose: index maps and RoPE tables created while the
+    exporter traces would be fake tensors (and `rope_tables` is cached process-wide).
+    """
+
+    def __init__(self, op: MoraOperator):
+        self.op = op
+        index = op.decompress_map.clone()
+        identity = index.numel() == op.compress_width and torch.equal(index, torch.arange(index.numel()))
+        self.index = None if identity else index
+        if op.mora_type == 6:
+            cos, sin = rope_tables(op.r_hat, op.n_blocks)
+            self.cos, self.sin = cos.clone(), sin.clone()
+
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., in] -> [..., r_hat]` (types 1-4) or `[..., n_blocks, r_hat]` (type 6)."""
+        op = self.op
+        n, r, t = op.in_features, op.r_hat, op.mora_type
+        if t in (1, 4, 6):
+            width = op.n_blocks * r
+            if width != n:  # positions wrap around the features
+                reps = -(-width // n)
+                x = torch.cat([x] * reps, dim=-1)[..., :width]
+            blocks = x.unflatten(-1, (op.n_blocks, r))
+            return blocks if t == 6 else blocks.sum(dim=-2)
+        q, m = divmod(n, r)  # grouped: the first m groups hold q + 1 features, the others q
+        if q == 0:
+            return torch.nn.functional.pad(x, (0, r - n))
+        parts = []
+        if m:
+            parts.append(x[..., : m * (q + 1)].unflatten(-1, (m, q + 1)).sum(dim=-1))
+        parts.append(x[..., m * (q + 1):].unflatten(-1, (r - m, q)).sum(dim=-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def rotate(self, c: torch.Tensor) -> torch.Tensor:
+        """Type 6: rotate block b of `[..., n_blocks, r_hat]` by its RoPE angle (the reference's float32 tables)."""
+        h = self.op.r_hat // 2
+        cos, sin = self.cos.to(c.dtype), self.sin.to(c.dtype)
+        return c * cos + torch.cat((-c[..., h:], c[..., :h]), dim=-1) * sin
+
+    def decompress(self, y: torch.Tensor) -> torch.Tensor:
+        """`[..., width] -> [..., out]`: each output feature reads its slot (one Gather)."""
+        return y if self.index is None else torch.index_select(y, -1, self.index.to(y.device))
+
+    def __call__(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """`decompress(M compress(x))` (type 6: rotate the blocks before M), no dense matrix."""
+        c = self.compress(x)
+        if self.op.mora_type == 6:
+            c = self.rotate(c)
+        y = torch.matmul(c, m.transpose(0, 1))
+        if self.op.mora_type == 6:
+            y = y.flatten(-2)
+        return self.decompress(y)
+
+    def rows(self, x: torch.Tensor, mt_stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row MoRA: compress once, `M^T` gathered per row (`[n+1, r, r]` stack), batched MatMul."""
+        c = self.compress(x)
+        mt = torch.index_select(mt_stack, 0, rows)  # [batch, r, r]
+        if self.op.mora_type == 6:
+            c = self.rotate(c)  # [batch, seq, nb, r]
+            y = torch.matmul(c.flatten(1, 2), mt).unflatten(1, (c.shape[1], self.op.n_blocks)).flatten(-2)
+        else:
+            y = torch.matmul(c, mt)
+        return self.decompress(y)
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+def lora_rows(x: torch.Tensor, at_stack: torch.Tensor, bt_stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row LoRA: `x[i] @ At[rows[i]] @ Bt[rows[i]]`; stacks `[n+1, in, R]`, `[n+1, R, out]`."""
+    at = torch.index_select(at_stack, 0, rows)  # [batch, in, R]
+    bt = torch.index_select(bt_stack, 0, rows)  # [batch, R, out]
+    return torch.matmul(torch.matmul(x, at), bt)
+
+
+# ----------------------------------------------------------------------------- dense (bench only)
+
+def mora_dense_matrices(op: MoraOperator, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoRA as a dense factorisation `dW = B A`: A = core(M) C `[width, in]`, B = D `[out, width]`.
+
+    The rank is `r_hat` for types 1-4 and `n_blocks * r_hat` for type 6. Only for measuring
+    what the structured operators buy; the graph never uses it.
+    """
+    a = op.compressed_core(m)  # core(M) @ C
+    width = a.shape[0]
+    b = torch.zeros(op.out_features, width, dtype=m.dtype)
+    b[torch.arange(op.out_features), op.decompress_map] = 1.0
+    return a, b

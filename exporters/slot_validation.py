@@ -1,0 +1,127 @@
+"""Validation of slot graphs and adapter files: ONNX Runtime vs PyTorch with the adapters *unmerged*.
+
+- slots graph: no adapter active vs the base model; then each adapter, activated the way
+  a server does it (its `.onnx_adapter` file, `LoraAdapter` + `RunOptions`), vs the base
+  with that adapter applied unmerged (`mora_core.forward.apply_unmerged`);
+- mixed graph: every case is run with several row assignments (each adapter and the base
+  in every row position); each row is compared with the unmerged reference of its adapter;
+- an adapter file (`adapters pack`): that file active vs the unmerged reference at its weight.
+
+Cases, criterion and statistics are those of merged exports (`exporters.validate`). Like
+`validate_graph`, these functions never raise for a wrong graph: the report's `passed` is
+False and `failure` is the line to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, max_positions
+from exporters.onnx_graph import PlainWrapper
+from exporters.onnx_validation import CRITERION, VALIDATION_MAX_LEN, _cannot_run
+from exporters.ort_adapter import Activation
+from exporters.providers import open_session, really_used
+from exporters.slot_graph import ADAPTER_INDEX, mixed_rows
+from exporters.validate import Case, compare, failure_line, make_cases
+from mora_core.adapter import Adapter
+from mora_core.forward import apply_unmerged
+
+
+def _cases(model: torch.nn.Module, task: str) -> list[Case]:
+    config = model.config
+    return make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
+
+
+def _torch_runner(model: torch.nn.Module, task: str) -> Callable[[Case], np.ndarray]:
+    wrapper = PlainWrapper(model, task).eval()
+
+    def run(case: Case) -> np.ndarray:
+        with torch.no_grad():
+            return wrapper(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
+
+    return run
+
+
+def _report(comparisons: dict[str, dict], used: str, chain: Sequence[str], requested: str, atol: float,
+            rtol: float, dtype: str) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "provider": used, "requested_provider": requested, "session_providers": list(chain),
+        "passed": all(c["passed"] for c in comparisons.values()),
+        "max_abs_diff": max(c["max_abs_diff"] for c in comparisons.values()),
+        "max_rel_diff": max(c["max_rel_diff"] for c in comparisons.values()),
+        "atol": atol, "rtol": rtol, "graph_dtype": dtype, "reference_dtype": "float32",
+        "criterion": CRITERION, "comparisons": comparisons,
+    }
+    if not report["passed"]:
+        failed = next(c for c in comparisons.values() if not c["passed"])
+        report["failure"] = failure_line(failed, used, atol, rtol)
+    return report
+
+
+def validate_adapter_files(graph: Path, model: torch.nn.Module, task: str, files: Sequence[tuple[str, Path | None]],
+                           adapters: Sequence[Adapter | None], weights: Sequence[float], provider: str,
+                           requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
+    """Run the slots graph once per entry of `files` ((name, adapter file or None)) on one session.
+
+    Entry i is compared with the base `model` (float32, base weights) plus `adapters[i]`
+    unmerged at `weights[i]` (None: the base alone).
+    """
+    out_name = OUTPUT_NAME[task]
+    cases = _cases(model, task)
+    try:
+        session = open_session(graph, provider)
+        outputs = []
+        for _, path in files:
+            act = Activation(path)
+            outputs.append([session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask},
+                                        act.options)[0] for c in cases])
+    except Exception as exc:
+        return {"passed": False, "provider": provider, "requested_provider": requested,
+                "failure": _cannot_run(provider, exc)}
+    used, chain = really_used(session)
+    del session
+    run = _torch_runner(model, task)
+    comparisons: dict[str, dict] = {}
+    for (name, _), adapter, weight, outs in zip(files, adapters, weights, outputs):
+        if adapter is None:
+            comparisons[name] = compare(f"{name} (PyTorch base model)", cases, outs, run, atol, rtol)
+            continue
+        with apply_unmerged(model, [adapter], [weight]):
+            comparisons[name] = compare(f"{name} (PyTorch base + unmerged adapter)", cases, outs, run, atol, rtol)
+    return _report(comparisons, used, chain, requested, atol, rtol, dtype)
+
+
+def validate_mixed(graph: Path, model: torch.nn.Module, task: str, adapters: Sequence[Adapter], provider: str,
+                   requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
+    """Row by row: every case with n+1 row assignments, each row against its adapter's unmerged reference."""
+    out_name = OUTPUT_NAME[task]
+    n = len(adapters)
+    cases = _cases(model, task)
+    runs = [(c, mixed_rows(n, len(c.input_ids), shift)) for c in cases for shift in range(n + 1)]
+    try:
+        session = open_session(graph, provider)
+        outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask,
+                                            ADAPTER_INDEX: rows})[0] for c, rows in runs]
+    except Exception as exc:
+        return {"passed": False, "provider": provider, "requested_provider": requested,
+                "failure": _cannot_run(provider, exc)}
+    used, chain = really_used(session)
+    del session
+    run = _torch_runner(model, task)
+    per_adapter: dict[int, list[np.ndarray]] = {-1: [run(c) for c in cases]}
+    for j, adapter in enumerate(adapters):
+        with apply_unmerged(model, [adapter], [1.0]):
+            per_adapter[j] = [run(c) for c in cases]
+    refs = []
+    for k, (_, rows) in enumerate(runs):
+        case_refs = {j: per_adapter[j][k // (n + 1)] for j in range(-1, n)}
+        refs.append(np.stack([case_refs[int(j)][i] for i, j in enumerate(rows)]))
+    it = iter(refs)
+    comparison = compare("per-row unmerged references (PyTorch)", [c for c, _ in runs], outputs,
+                         lambda _case: next(it), atol, rtol)
+    return _report({"mixed_rows": comparison}, used, chain, requested, atol, rtol, dtype)
