@@ -1,0 +1,138 @@
+"""Slot graphs in the library: MoRA's structured operators, mixed-adapter batches, refusals, failures.
+
+The mixed graph is exported once (LoRA, MoRA type 1, MoRA type 6 on a tiny Llama) and
+run with LoRA, MoRA and base rows in one padded batch; each row is checked against peft's
+own forward (LoRA) or the unmerged MoRA forward run on that row alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.errors import ExportError, ValidationFailed
+from exporters.slots import export_slots_onnx, pack_adapter
+from mora_core.adapter import load_adapter
+from mora_core.mora import MoraOperator
+from tests.builders import linear_shapes, write_lora_adapter, write_model_base, write_mora_adapter
+
+SHAPES = [(32, 32, 8), (32, 16, 12), (64, 32, 10), (5, 40, 8), (48, 7, 6), (33, 97, 16), (7, 3, 10)]
+
+
+@pytest.mark.parametrize("mora_type", [1, 2, 3, 4, 6])
+def test_structured_branch_equals_the_operator(mora_type):
+    """The export-side MoRA (reshape/sum/gather/rotate) equals mora_core's forward and dense delta."""
+    from exporters.slot_ops import MoraBranch, mora_dense_matrices
+
+    g = torch.Generator().manual_seed(mora_type)
+    for in_f, out_f, r in SHAPES:
+        if mora_type == 6 and r % 2:
+            continue
+        op = MoraOperator(in_f, out_f, r, mora_type)
+        m = torch.randn(r, r, generator=g, dtype=torch.float64)
+        x = torch.randn(2, 5, in_f, generator=g, dtype=torch.float64)
+        expected = x @ op.delta(m).T  # the dense definition, independent of both forwards
+        torch.testing.assert_close(MoraBranch(op)(x, m), expected, atol=1e-12, rtol=1e-12)
+        a, b = mora_dense_matrices(op, m)
+        torch.testing.assert_close((x @ a.T) @ b.T, expected, atol=1e-12, rtol=1e-12)
+        stack = torch.stack([m.T, -2 * m.T, torch.zeros_like(m)])  # adapters 0, 1 and the base
+        rows = MoraBranch(op).rows(x, stack, torch.tensor([1, 2]))
+        torch.testing.assert_close(rows[0], -2 * expected[0], atol=1e-12, rtol=1e-12)
+        assert rows[1].abs().max() == 0
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    base = write_model_base(root / "base", "llama")
+    folders = [write_lora_adapter(root / "lora", base, "llama", ["q_proj", "v_proj"], r=4, seed=5),
+               write_mora_adapter(root / "mora1", linear_shapes("llama"), mora_type=1, seed=1, scale=0.05),
+               write_mora_adapter(root / "mora6", linear_shapes("llama"), mora_type=6, seed=2, scale=0.05)]
+    summary = export_slots_onnx(base, [load_adapter(f) for f in folders], root / "graph", mixed=True)
+    return {"root": root, "base": base, "folders": folders, "summary": summary}
+
+
+def _base_model(base: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="eager").eval()
+
+
+def test_mixed_graph_validated_row_by_row(mixed):
+    v = mixed["summary"]["validation"]
+    assert v["passed"] and set(v["comparisons"]) == {"mixed_rows"}
+    comp = v["comparisons"]["mixed_rows"]
+    assert len(comp["cases"]) == 5 * 4 and comp["max_abs_diff"] < 1e-4  # every case x 4 row assignments
+
+
+def test_mixed_batch_of_lora_mora_and_base_rows(mixed):
+    from peft import PeftModel
+
+    from exporters.providers import open_session
+    from mora_core.forward import apply_unmerged
+
+    sess = open_session(Path(mixed["summary"]["output"]) / "model.onnx", "cpu")
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "adapter_index"]
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 96, size=(5, 11), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for row, pad in enumerate([0, 3, 0, 6, 2]):
+        mask[row, :pad] = 0
+    index = np.array([2, -1, 0, 1, 0], dtype=np.int64)
+    got = sess.run(None, {"input_ids": ids, "attention_mask": mask, "adapter_index": index})[0]
+    lora = PeftModel.from_pretrained(_base_model(mixed["base"]), str(mixed["folders"][0])).eval()
+    for row, j in enumerate(index):
+        keep = mask[row].astype(bool)
+        one_ids, one_mask = torch.from_numpy(ids[row:row + 1, keep]), torch.ones(1, int(keep.sum()), dtype=torch.long)
+        with torch.no_grad():
+            if j == 0:
+                ref = lora(input_ids=one_ids, attention_mask=one_mask).logits
+            else:
+                model = _base_model(mixed["base"])
+                adapters = [] if j == -1 else [load_adapter(mixed["folders"][j])]
+                with apply_unmerged(model, adapters):
+                    ref = model(input_ids=one_ids, attention_mask=one_mask).logits
+        np.testing.assert_allclose(got[row, keep], ref[0].numpy(), atol=1e-4, rtol=1e-4)
+    assert np.abs(got[0] - got[3]).max() > 1e-3  # rows really use different adapters
+
+
+def test_mixed_graph_has_no_slots_to_pack(mixed):
+    with pytest.raises(ExportError, match="mixed graph"):
+        pack_adapter(load_adapter(mixed["folders"][0]), Path(mixed["summary"]["output"]),
+                     mixed["root"] / "x.onnx_adapter")
+
+
+def test_dora_cannot_be_slotted(mixed, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path / "dora"
+    model = get_peft_model(_base_model(mixed["base"]), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True,
+                                                                  init_lora_weights=False))
+    model.save_pretrained(str(folder))
+    assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+    with pytest.raises(ExportError, match="Dora update cannot be served"):
+        export_slots_onnx(mixed["base"], [load_adapter(folder)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_that_fails_validation_keeps_nothing(tmp_path, monkeypatch):
+    """A pack whose file does not compute the adapter (a wrong fold) fails hard, leaving no file."""
+    import exporters.slots as slots
+
+    root = tmp_path
+    base = write_model_base(root / "base", "gpt2")
+    folder = write_mora_adapter(root / "mora", linear_shapes("gpt2"), mora_type=2, seed=4, scale=0.05,
+                                fan_in_fan_out=True)
+    graph = root / "graph"
+    summary = export_slots_onnx(base, [load_adapter(folder)], graph)
+    assert summary["validation"]["passed"]  # GPT-2's Conv1D (fan_in_fan_out) served right
+    real = slots.parameters
+    monkeypatch.setattr(slots, "parameters", lambda pairs, weight, dtype: real(pairs, weight * 1.5, dtype))
+    with pytest.raises(ValidationFailed, match="validation failed on cpu"):
+        pack_adapter(load_adapter(folder), graph, root / "m.onnx_adapter")
+    assert [p.name for p in root.iterdir() if "onnx_adapter" in p.name] == []
