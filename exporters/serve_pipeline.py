@@ -147,10 +147,10 @@ def run_pack(opts: PackOptions) -> dict[str, Any]:
 
 def _graph_artifact(registry: Any, graph_dir: Path) -> str | None:
     """The artifact reference of a registered graph folder (found by its content digest), or None."""
-    from exporters.digests import sha256_file
+    from registry.blobs import hash_file
     from registry.errors import RegistryError
 
-    files = {p.relative_to(graph_dir).as_posix(): sha256_file(p)
+    files = {p.relative_to(graph_dir).as_posix(): hash_file(p)[0]
              for p in sorted(graph_dir.rglob("*")) if p.is_file()}
     canonical = json.dumps({"kind": KIND_SLOTS, "files": dict(sorted(files.items()))}, sort_keys=True,
                            separators=(",", ":"), ensure_ascii=False)

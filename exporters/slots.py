@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from exporters.digests import sha256_file
 from exporters.errors import ExportError, ValidationFailed
 from exporters.hf_model import build_model, load_config, load_weights, read_base_weights, task_of
-from exporters.onnx_export import EXTERNAL_DATA_BYTES, _copy_side_files
+from exporters.onnx_export import EXTERNAL_DATA_BYTES
 from exporters.onnx_graph import (
     MAX_OPSET,
     MIN_OPSET,
@@ -41,6 +40,13 @@ from exporters.onnx_graph import (
 )
 from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
 from exporters.ort_adapter import ADAPTER_SUFFIX, write_adapter_file
+from exporters.outputs import (
+    copy_side_files,
+    fsync_file,
+    refuse_existing,
+    staged_output,
+    write_json,
+)
 from exporters.providers import choose_provider
 from exporters.slot_graph import (
     ADAPTER_INDEX,
@@ -56,6 +62,8 @@ from exporters.slot_layout import BoundBranch, SlotLayout, bind, fit, parameters
 from exporters.slot_validation import validate_adapter_files, validate_mixed
 from exporters.validate import tolerances
 from mora_core.adapter import Adapter
+from mora_core.checkpoint import open_checkpoint
+from registry.blobs import hash_file
 
 FORMAT_SLOTS = "onnx_slots"
 ProgressFn = Callable[[int, int, str], None]
@@ -68,17 +76,16 @@ class BaseModel:
         self.dir = Path(base_dir)
         self.config = load_config(self.dir)
         self.task = task_of(self.config)
+        self.checkpoint = open_checkpoint(self.dir)
         self.model = build_model(copy.deepcopy(self.config))
-        base = read_base_weights(self.dir, self.model)
+        base = read_base_weights(self.checkpoint, self.model)
         load_weights(self.model, base.tensors)
         self.ignored = base.ignored
         del base
         self.shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
 
     def file_digests(self) -> dict[str, str]:
-        from mora_core.merge import open_base
-
-        return {f.path.name: sha256_file(f.path) for f in open_base(self.dir).files}
+        return {p.name: hash_file(p)[0] for p in self.checkpoint.paths}
 
 
 def _check(adapters: Sequence[Adapter], out: Path, dtype: str, opset: int | None) -> None:
@@ -88,8 +95,7 @@ def _check(adapters: Sequence[Adapter], out: Path, dtype: str, opset: int | None
         raise ExportError(f"--dtype {dtype!r}: ONNX export supports {', '.join(ONNX_DTYPES)}")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: output already exists; choose another -o or remove it")
+    refuse_existing(out)
 
 
 def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *, mixed: bool = False,
@@ -116,11 +122,7 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
     seconds: dict[str, float] = {}
     _progress(progress, 1, "base built; exporting graph")
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out_dir) as tmp:
         t = time.perf_counter()
         total = sum(p.numel() * p.element_size() for p in base.model.parameters())
         n_bytes = total // (2 if dtype == "float16" else 1)
@@ -134,30 +136,25 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
             validation = validate_mixed(tmp / GRAPH_NAME, base.model, base.task, adapters, chosen, provider,
                                         atol_v, rtol_v, dtype)
         else:
-            work = tmp / ".validation"
-            work.mkdir()
-            files: list[tuple[str, Path | None]] = [("no adapter", None)]
-            for i, (a, bs) in enumerate(zip(adapters, branches)):
-                path = work / f"{i}{ADAPTER_SUFFIX}"
-                write_adapter_file(path, parameters(fit(a.label, bs, layout, str(out_dir)), 1.0, dtype))
-                files.append((a.label if a.label not in dict(files) else f"{a.label} #{i + 1}", path))
-            validation = validate_adapter_files(tmp / GRAPH_NAME, base.model, base.task, files,
-                                                [None, *adapters], [1.0] * len(files), chosen, provider,
-                                                atol_v, rtol_v, dtype)
-            shutil.rmtree(work)
+            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out_dir.name}.adapters-") as work:
+                files: list[tuple[str, Path | None]] = [("no adapter", None)]
+                for i, (a, bs) in enumerate(zip(adapters, branches)):
+                    path = Path(work) / f"{i}{ADAPTER_SUFFIX}"
+                    write_adapter_file(path, parameters(fit(a.label, bs, layout, str(out_dir)), 1.0, dtype))
+                    files.append((a.label if a.label not in dict(files) else f"{a.label} #{i + 1}", path))
+                validation = validate_adapter_files(tmp / GRAPH_NAME, base.model, base.task, files,
+                                                    [None, *adapters], [1.0] * len(files), chosen, provider,
+                                                    atol_v, rtol_v, dtype)
         seconds["validation"] = round(time.perf_counter() - t, 3)
         if not validation["passed"]:
             raise ValidationFailed(validation["failure"])
 
-        _copy_side_files(base_dir, tmp, {})
+        for name in (GRAPH_NAME, DATA_NAME):
+            if (tmp / name).is_file():
+                fsync_file(tmp / name)
+        copy_side_files(base.checkpoint.root, tmp)
         recipe = _recipe(tmp, base, layout, adapters, mixed, dtype, real_opset, validation)
-        (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / RECIPE_NAME, recipe)
     _progress(progress, 3, "done")
     seconds["total"] = round(time.perf_counter() - started, 3)
     return {"output": str(out_dir), "files": recipe["files"], "model_type": base.config.model_type,
@@ -234,7 +231,7 @@ def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequenc
     for name in (GRAPH_NAME, DATA_NAME):
         p = folder / name
         if p.is_file():
-            files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            files[name] = {"sha256": hash_file(p)[0], "bytes": p.stat().st_size}
     task = base.task
     spec = plain_spec(task)
     inputs: dict[str, Any] = {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in spec.input_names}
@@ -335,6 +332,6 @@ def pack_adapter(adapter: Adapter, graph_dir: Path, out_file: Path, *, weight: f
     finally:
         tmp.unlink(missing_ok=True)
     return {"output": str(out_file), "graph": str(graph_dir), "weight": weight, "dtype": dtype,
-            "sha256": sha256_file(out_file), "bytes": out_file.stat().st_size,
+            "sha256": hash_file(out_file)[0], "bytes": out_file.stat().st_size,
             "parameters": {k: list(v.shape) for k, v in params.items()},
             "modules": sorted({s.module for s, _ in pairs}), "validation": validation}
