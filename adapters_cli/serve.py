@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from adapters_cli.common import ProgressLine, emit_json, run_guarded, store_options
+from adapters_cli.common import ProgressLine, complete_ref, emit_json, run_guarded, store_options
 
 PROVIDERS = ["auto", "cpu", "cuda", "tensorrt"]
 
@@ -19,7 +19,7 @@ PROVIDERS = ["auto", "cpu", "cuda", "tensorrt"]
 @click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
               help="Base model folder (config.json + safetensors).")
 @click.option("--to", "target", required=True, type=click.Choice(["onnx"]), help="Output format.")
-@click.option("--slots", "slots", required=True, multiple=True, metavar="ADAPTER",
+@click.option("--slots", "slots", required=True, multiple=True, metavar="ADAPTER", shell_complete=complete_ref,
               help="Adapter (folder or registry reference) whose modules get slots; repeat or list several.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder (must not exist yet; appears only when validated).")
@@ -33,7 +33,7 @@ PROVIDERS = ["auto", "cpu", "cuda", "tensorrt"]
 @click.option("--allow-base-mismatch", is_flag=True,
               help="Accept registry versions pushed for another base than --base.")
 @click.option("--register/--no-register", default=True, help="Record the graph as an artifact (default: yes).")
-@click.argument("more", nargs=-1, metavar="[ADAPTER...]")
+@click.argument("more", nargs=-1, metavar="[ADAPTER...]", shell_complete=complete_ref)
 @store_options
 def export(base_dir: Path, target: str, slots: tuple[str, ...], out_dir: Path, mixed: bool, dtype: str,
            opset: int | None, provider: str, atol: float | None, rtol: float | None, allow_base_mismatch: bool,
@@ -79,7 +79,7 @@ def export(base_dir: Path, target: str, slots: tuple[str, ...], out_dir: Path, m
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("adapter", metavar="ADAPTER")
+@click.argument("adapter", metavar="ADAPTER", shell_complete=complete_ref)
 @click.option("--graph", "graph_dir", required=True, type=click.Path(path_type=Path),
               help="A slots graph folder (adapters export --slots).")
 @click.option("-o", "--output", "out_file", required=True, type=click.Path(path_type=Path),
@@ -102,6 +102,11 @@ def pack(adapter: str, graph_dir: Path, out_file: Path, weight: float, base_dir:
     LoRA scaling and --weight are folded in; the file is validated on the graph against
     the unmerged PyTorch reference. Serve it with onnxruntime's LoraAdapter and
     RunOptions.add_active_adapter.
+
+    \b
+    Examples:
+      adapters pack team/lora:1 --graph ./llama-slots -o lora1.onnx_adapter
+      adapters pack ./my-mora --graph ./llama-slots -o mora.onnx_adapter --weight 0.5
     """
     from exporters.serve_pipeline import PackOptions, run_pack
 
