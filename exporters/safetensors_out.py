@@ -21,7 +21,7 @@ import mmap
 import os
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,23 +47,30 @@ def shard_names(n: int) -> list[str]:
 class HashingShardWriter:
     """One safetensors file with a fixed layout, written tensor by tensor and hashed as written.
 
-    Tensors must arrive in the planned order with the planned dtype and shape. `digest`
-    is set by `close()`: the sha256 of exactly the bytes written. Memory: only the tensor
-    being written (raw copies go through the kernel; their hash reads a short-lived map
-    of the source range).
+    Tensors must arrive in the planned order with the planned dtype and shape. With a
+    `hasher` (a one-thread pool), `digest` is set by `finish()`: the sha256 of exactly the
+    bytes written, hashed by that thread while the caller goes on. The hash of one tensor
+    is settled at the start of the next call (the merge loop keeps a written tensor
+    intact until then: see `mora_core.merge.TensorWriter`), so it overlaps both the write
+    and the next tensor's merge. Raw copies go through the kernel; their hash reads a
+    short-lived map of the source range. Without a hasher nothing is hashed.
     """
 
-    def __init__(self, path: Path, plan: Sequence[PlannedTensor], hasher: ThreadPoolExecutor,
+    def __init__(self, path: Path, plan: Sequence[PlannedTensor], hasher: ThreadPoolExecutor | None,
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self._plan = list(plan)
         self._next = 0
         self._hasher = hasher
-        self._h = hashlib.sha256()
+        self._h = hashlib.sha256() if hasher is not None else None
+        self._pending: tuple[Future | None, Callable[[], None] | None] | None = None
         self.digest: str | None = None
         self.bytes = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._write(memoryview(encode_header(self._plan, metadata)))
+        header = encode_header(self._plan, metadata)
+        if self._h is not None:
+            self._h.update(header)
+        self._write_all(memoryview(header))
 
     def _expect(self, name: str) -> PlannedTensor:
         if self._next >= len(self._plan) or self._plan[self._next].name != name:
@@ -72,32 +79,46 @@ class HashingShardWriter:
         self._next += 1
         return self._plan[self._next - 1]
 
-    def _write(self, view: memoryview) -> None:
-        """Append `view` while a worker hashes it; returns when both are done (view reusable)."""
-        job = self._hasher.submit(self._h.update, view) if len(view) > (1 << 16) else None
-        if job is None:
-            self._h.update(view)
+    def _settle(self) -> None:
+        """Wait for the previous tensor's hash and release what it read."""
+        if self._pending is None:
+            return
+        job, release = self._pending
+        self._pending = None
+        try:
+            if job is not None:
+                job.result()
+        finally:
+            if release is not None:
+                release()
+
+    def _hash_later(self, view: memoryview, release: Callable[[], None] | None = None) -> None:
+        job = self._hasher.submit(self._h.update, view) if self._h is not None else None
+        self._pending = (job, release)
+
+    def _write_all(self, view: memoryview) -> None:
         done = 0
         while done < len(view):  # os.write may write less than asked
             done += os.write(self._fd, view[done:])
         self.bytes += len(view)
-        if job is not None:
-            job.result()
 
     def write(self, planned: PlannedTensor, tensor) -> None:
         """Append a tensor (any torch tensor of the planned dtype and shape)."""
         import torch
 
+        self._settle()
         got = self._expect(planned.name)
         if dtype_code(tensor.dtype) != got.dtype or tuple(tensor.shape) != got.shape:
             raise RuntimeError(f"{got.name}: got {tensor.dtype} {tuple(tensor.shape)}, "
                                f"planned {got.dtype} {got.shape}")
         if got.nbytes:
-            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-            self._write(memoryview(flat.numpy()))
+            view = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._hash_later(view)
+            self._write_all(view)
 
     def copy(self, planned: PlannedTensor, source: SafetensorsFile, name: str) -> None:
         """Append a tensor's bytes unchanged from `source`: kernel copy, hashed from a map."""
+        self._settle()
         got = self._expect(planned.name)
         info = source.tensors[name]
         if info.nbytes != got.nbytes or info.dtype != got.dtype:
@@ -105,29 +126,28 @@ class HashingShardWriter:
         if not info.nbytes:
             return
         with open(source.path, "rb", buffering=0) as fin:
-            start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
-            mm = mmap.mmap(fin.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
-            try:
+            if self._h is not None:
+                start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+                mm = mmap.mmap(fin.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
                 with contextlib.suppress(AttributeError, OSError):
                     mm.madvise(mmap.MADV_SEQUENTIAL)
                 view = memoryview(mm)[info.begin - start:]
-                try:
-                    job = self._hasher.submit(self._h.update, view)
-                    try:
-                        _copy_range(fin.fileno(), self._fd, info.begin, info.nbytes)
-                    finally:
-                        job.result()
-                finally:
+
+                def release(view: memoryview = view, mm: mmap.mmap = mm) -> None:
                     view.release()
-            finally:
-                mm.close()
+                    mm.close()
+
+                self._hash_later(view, release)
+            _copy_range(fin.fileno(), self._fd, info.begin, info.nbytes)
         self.bytes += info.nbytes
 
     def finish(self) -> None:
         """Check every planned tensor arrived and set `digest` (the fsync is `sync_and_close`)."""
+        self._settle()
         if self._next != len(self._plan):
             raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
-        self.digest = "sha256:" + self._h.hexdigest()
+        if self._h is not None:
+            self.digest = "sha256:" + self._h.hexdigest()
 
     def sync_and_close(self) -> None:
         """fsync and close (safe in a worker thread: the GIL is released in fsync)."""
@@ -137,6 +157,8 @@ class HashingShardWriter:
             self.close()
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._settle()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -166,20 +188,21 @@ def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
 
 
 class SafetensorsFolderWriter:
-    """A `TensorWriter` that writes shards (and the index) into `folder`, hashing every file.
+    """A `TensorWriter` that writes shards (and the index) into `folder`, hashing every file
+    (unless `digests=False`: nothing is hashed and `files` stays empty).
 
     After `finish()`, `files` maps each written file name to its `sha256:<hex>` digest and
     `weight_map` each tensor to its shard. Use as a context manager: an exception closes
     every file (the caller removes the folder).
     """
 
-    def __init__(self, folder: Path, metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, metadata: dict[str, str] | None = None, digests: bool = True):
         self.folder = Path(folder)
         self.metadata = dict(SHARD_METADATA if metadata is None else metadata)
         self.files: dict[str, str] = {}
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-hash")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-hash") if digests else None
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
         self._syncs: list[tuple[HashingShardWriter, Future]] = []
         self._layout: list[list[PlannedTensor]] = []
@@ -205,7 +228,8 @@ class SafetensorsFolderWriter:
         while self._left == 0:
             if self._current is not None:
                 self._current.finish()
-                self.files[self._current.path.name] = self._current.digest
+                if self._current.digest is not None:
+                    self.files[self._current.path.name] = self._current.digest
                 self._syncs.append((self._current, self._syncer.submit(self._current.sync_and_close)))
                 self._current = None
             self._shard += 1
@@ -240,15 +264,18 @@ class SafetensorsFolderWriter:
             job.result()
         if len(self._layout) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-            self.files[INDEX_NAME] = write_json(self.folder / INDEX_NAME, index)
+            digest = write_json(self.folder / INDEX_NAME, index)
+            if self._hasher is not None:
+                self.files[INDEX_NAME] = digest
         return dict(self.files)
 
     def close(self) -> None:
         """Release threads and file descriptors (idempotent; after an error, too)."""
-        self._syncer.shutdown(wait=True)
-        self._hasher.shutdown(wait=True)
         if self._current is not None:
             self._current.close()
+        self._syncer.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
         for shard, _ in self._syncs:
             shard.close()
 
@@ -290,6 +317,7 @@ def merge_folder(
     accumulate: str = "float32",
     max_shard_bytes: int | None = None,
     progress: ProgressFn | None = None,
+    digests: bool = True,
 ) -> MergeReport:
     """Stream-merge `adapters` into `base` (a folder, a .safetensors file or an open
     `Checkpoint`), writing a new folder `out_dir`.
@@ -297,7 +325,9 @@ def merge_folder(
     `dtype`: "auto" keeps each tensor's dtype, or one of float16/bfloat16/float32 for all
     floating tensors (recorded as `torch_dtype` in the copied config.json). An untied
     embedding pair sets `tie_word_embeddings: false`. `max_shard_bytes`: None keeps the
-    base's sharding, else repacks. Every adapter key is resolved and shape-checked before
+    base's sharding, else repacks. `digests`: the sha256 of every output file, taken while
+    it is written (`MergeReport.digests`; False skips hashing, e.g. when nothing will be
+    registered). Every adapter key is resolved and shape-checked before
     anything is written; `out_dir` appears only when complete. Raises
     `MergeError`/`AdapterError`/`ExportError` for bad input.
     """
@@ -312,11 +342,13 @@ def merge_folder(
         edits.update({"torch_dtype": dtype, "dtype": dtype})
     if plan.untied:
         edits["tie_word_embeddings"] = False
-    with staged_output(out) as tmp, SafetensorsFolderWriter(tmp) as writer:
+    with staged_output(out) as tmp, SafetensorsFolderWriter(tmp, digests=digests) as writer:
         stats = stream_merge(checkpoint, plan, writer, dtype=dtype, accumulate=accumulate,
                              max_shard_bytes=max_shard_bytes, progress=progress)
         files = writer.finish()
-        files.update(copy_side_files(checkpoint.root, tmp, edits, skip=checkpoint.weight_file_names()))
+        side = copy_side_files(checkpoint.root, tmp, edits, skip=checkpoint.weight_file_names())
+        if digests:
+            files.update(side)
     return MergeReport(
         output=str(out),
         tensors_total=stats.tensors_total,

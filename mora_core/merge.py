@@ -114,8 +114,9 @@ class TensorWriter(Protocol):
 
     `start` receives the whole output layout (shards of planned tensors, in order) before
     any tensor; then every planned tensor arrives exactly once, in that order, either as
-    a tensor (`write`: valid only during the call, the loop reuses its buffer) or as
-    unchanged bytes of a source file (`copy`).
+    a tensor (`write`) or as unchanged bytes of a source file (`copy`). A written tensor
+    stays unchanged until the writer's next `write`/`copy` call returns (the loop
+    alternates two buffers), so a writer may keep reading it (e.g. hashing) until then.
     """
 
     def start(self, shards: Sequence[Sequence[PlannedTensor]]) -> None: ...
@@ -211,15 +212,18 @@ class _Workspace:
     """Buffers reused from tensor to tensor of a streaming merge.
 
     Fresh memory costs a page fault per page (about as much as the merge arithmetic on
-    these machines), so the float32 working copy and the cast output live in buffers
+    these machines), so the float32 working copy and the cast outputs live in buffers
     that only grow; the base tensor itself is read in place through a short-lived memory
-    map. Peak: working copy + output + the mapped tensor, i.e. at most 4x the largest
-    merged tensor in bf16.
+    map. The cast output alternates between two buffers, so the tensor handed to the
+    writer stays intact while the next one is merged (a writer may hash it in the
+    background meanwhile). Peak: working copy + two outputs + the mapped tensor, i.e. at
+    most 5x the largest merged tensor in bf16.
     """
 
     def __init__(self, accumulate: torch.dtype):
         self._work = torch.empty(0, dtype=accumulate)
-        self._out = torch.empty(0, dtype=torch.uint8)
+        self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._turn = 0
 
     @staticmethod
     def _grow(buf: torch.Tensor, numel: int) -> torch.Tensor:
@@ -231,8 +235,9 @@ class _Workspace:
         info = src.tensors[src_name]
         out_dtype = torch_dtype(planned.dtype)
         out_bytes = info.numel * out_dtype.itemsize
-        self._out = self._grow(self._out, out_bytes)
-        out = self._out[:out_bytes].view(out_dtype).view(info.shape)
+        self._turn ^= 1
+        self._outs[self._turn] = buf = self._grow(self._outs[self._turn], out_bytes)
+        out = buf[:out_bytes].view(out_dtype).view(info.shape)
         with src.mapped(src_name) as raw:
             if not ops:
                 out.copy_(raw)

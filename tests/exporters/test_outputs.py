@@ -98,10 +98,12 @@ def _base_and_adapter(tmp_path, shards=2):
     return tensors
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_merge_folder_reports_the_digest_of_every_output_file(tmp_path, shards):
+@pytest.mark.parametrize("shards,dtype", [(1, "auto"), (3, "auto"), (2, "float16")])
+def test_merge_folder_reports_the_digest_of_every_output_file(tmp_path, shards, dtype):
+    """float16: every tensor is cast, so merged tensors follow each other through the loop's
+    buffers while the writer still hashes the previous one."""
     _base_and_adapter(tmp_path, shards)
-    report = merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out")
+    report = merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out", dtype=dtype)
     out = tmp_path / "out"
     on_disk = sorted(p.name for p in out.iterdir())
     assert sorted(report.files) == on_disk
