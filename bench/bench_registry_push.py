@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registry.api import Registry  # noqa: E402
-from registry.blobs import hash_file  # noqa: E402
+from registry.copying import hash_file  # noqa: E402
 
 
 def make_adapter(folder: Path, gb: float) -> Path:

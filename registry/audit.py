@@ -9,37 +9,22 @@ deleting the newest events is detected as well as rewriting or deleting older on
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
-import os
-import socket
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.config import actor
+from registry.db import Database, lock_state
+from registry.digests import canonical
+from registry.errors import RegistryError
 from registry.models import AuditEvent, State
 
 GENESIS = "0" * 64
-
-
-def canonical(obj: Any) -> str:
-    """Canonical JSON (sorted keys, no spaces): the form stored and hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def actor() -> str:
-    """`ADAPTERS_ACTOR`, else user@host."""
-    env = os.environ.get("ADAPTERS_ACTOR")
-    if env:
-        return env[:200]
-    try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry (containers)
-        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"[:200]
+MAX_ACTION = 32
 
 
 def now_iso() -> str:
@@ -50,11 +35,6 @@ def event_hash(prev: str, seq: int, at: str, who: str, action: str, subject: str
                name: str | None, details: str) -> str:
     body = canonical([seq, at, who, action, subject, name, details])
     return hashlib.sha256((prev + body).encode("utf-8")).hexdigest()
-
-
-def lock_state(session: Session) -> State:
-    """Lock the state row (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE transaction holds it)."""
-    return session.execute(select(State).where(State.id == 1).with_for_update()).scalar_one()
 
 
 def append(session: Session, action: str, subject: str, details: dict[str, Any],
@@ -73,6 +53,17 @@ def append(session: Session, action: str, subject: str, details: dict[str, Any],
     state.audit_seq = seq
     state.audit_head = ev.hash
     return ev
+
+
+def record(db: Database, action: str, subject: str, details: dict[str, Any],
+           name: str | None = None) -> dict[str, Any]:
+    """Append one event in its own write transaction (for other components: merge, export...)."""
+    if not action or len(action) > MAX_ACTION:
+        raise RegistryError(f"audit action {action!r}: 1 to {MAX_ACTION} characters")
+    with db.writing() as s:
+        ev = append(s, action, subject, details, name=name)
+        s.flush()
+        return event_dict(ev)
 
 
 def verify_chain(session: Session, batch: int = 2000) -> list[str]:
@@ -106,5 +97,6 @@ def verify_chain(session: Session, batch: int = 2000) -> list[str]:
 
 
 def event_dict(ev: AuditEvent) -> dict[str, Any]:
+    """An event as the API and the CLI's --json show it."""
     return {"seq": ev.seq, "at": ev.at, "actor": ev.actor, "action": ev.action, "subject": ev.subject,
             "name": ev.name, "details": json.loads(ev.details), "hash": ev.hash}

@@ -1,4 +1,4 @@
-"""Engines and schema state.
+"""Engines, sessions, the writer lock and schema state.
 
 SQLite (embedded default): WAL, a long busy timeout, and write transactions opened
 with `BEGIN IMMEDIATE` (engine option `write=True`), so concurrent writers queue on the
@@ -16,10 +16,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
 
 from registry.errors import RegistryError
+from registry.models import State
 
 # The newest migration in migrations/versions (a test checks this against alembic's head).
 SCHEMA_HEAD = "0002_batch_jobs"
@@ -57,6 +59,36 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=False)
     except Exception as exc:  # bad URL / missing driver: a user mistake
         raise RegistryError(f"database URL {url!r}: {exc}") from None
+
+
+def lock_state(session: Session) -> State:
+    """Take the writer lock: the state row (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE
+    transaction already holds the database lock). Every write transaction does this first."""
+    return session.execute(select(State).where(State.id == 1).with_for_update()).scalar_one()
+
+
+class Database:
+    """One database: an engine, read sessions, and write transactions that hold the writer lock.
+
+    Every change to the store goes through `writing()`, so writers are serialised (gap-free
+    version numbers, a linear audit chain) on SQLite and PostgreSQL alike.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.read = sessionmaker(self.engine)
+        self.write = sessionmaker(self.engine.execution_options(write=True))
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A write transaction holding the writer lock from its first statement; commits on exit."""
+        with self.write() as s, s.begin():
+            lock_state(s)
+            yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from registry.blobs import hash_file
+from registry.copying import hash_file
 from registry.errors import RegistryError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -74,3 +74,10 @@ def compare_base(recorded: dict[str, str], current: dict[str, str]) -> list[str]
         elif recorded[f] != current[f]:
             out.append(f"{f}: digest {current[f][:19]}... differs from {recorded[f][:19]}... recorded at push")
     return out
+
+
+def check_base(recorded: dict[str, str] | None, base_dir: str | Path) -> list[str]:
+    """Differences between the base digests recorded at push and `base_dir` (nothing recorded: [])."""
+    if not recorded:
+        return []
+    return compare_base(recorded, hash_base(base_dir))

@@ -1,10 +1,16 @@
-"""Plain result objects returned by the Python API (JSON-ready with `to_dict`)."""
+"""Plain result objects returned by the Python API (JSON-ready with `to_dict`).
+
+They are built from database rows in one place each: `registry.refs.describe` for
+versions, `registry.artifacts.describe` for artifacts.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+from registry.names import artifact_ref, version_ref
 
 
 def utc(dt: datetime) -> datetime:
@@ -38,7 +44,7 @@ class VersionInfo:
 
     @property
     def ref(self) -> str:
-        return f"{self.name}:{self.number}"
+        return version_ref(self.name, self.number)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -74,7 +80,7 @@ class ArtifactInfo:
 
     @property
     def ref(self) -> str:
-        return f"artifact:{self.id}"
+        return artifact_ref(self.id)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ref": self.ref, "digest": self.digest, "kind": self.kind, "path": self.path,

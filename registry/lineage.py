@@ -1,4 +1,9 @@
-"""Rendering a lineage graph (from `Registry.lineage`) as text, JSON, Graphviz dot, Mermaid or SVG.
+"""Lineage: the graph around a version (ancestors: parents and base model; descendants:
+child versions and the artifacts built from them), and that graph rendered as text, JSON,
+Graphviz dot, Mermaid or SVG (`registry.lineage_svg`).
+
+A graph is {"root": id, "nodes": [{id, type, ...}], "edges": [{from, to, kind, weight?}]};
+node ids are `name:N`, `artifact:ID` and `base:<model>[@<revision>]`.
 
 Every label can hold free text from the database (`--base-model`, artifact paths), so each
 format escapes it for its own syntax (`_dot_text`, `_mermaid_text`, `_plain`): whatever a
@@ -11,6 +16,87 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry import refs
+from registry.db import Database
+from registry.models import Artifact, ArtifactInput, Version
+from registry.names import artifact_ref
+
+
+def build(db: Database, ref: str, max_depth: int = 1000) -> dict[str, Any]:
+    """The lineage graph of `ref`, walking at most `max_depth` steps each way."""
+    with db.read() as s:
+        return _Builder(s).graph(refs.version_row(s, ref), max_depth)
+
+
+class _Builder:
+    def __init__(self, s: Session):
+        self.s = s
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.edges: list[dict[str, Any]] = []
+
+    def version(self, v: Version) -> str:
+        key = refs.label(v)
+        if key not in self.nodes:
+            self.nodes[key] = {"id": key, "type": "version", "kind": v.kind, "digest": v.digest,
+                               "base_model": v.base_model, "base_revision": v.base_revision}
+        return key
+
+    def base(self, v: Version) -> str | None:
+        if not v.base_model:
+            return None
+        key = f"base:{v.base_model}" + (f"@{v.base_revision}" if v.base_revision else "")
+        self.nodes.setdefault(key, {"id": key, "type": "base", "model": v.base_model,
+                                    "revision": v.base_revision})
+        return key
+
+    def edge(self, src: str, dst: str, kind: str, weight: float | None = None) -> None:
+        self.edges.append({"from": src, "to": dst, "kind": kind} | ({"weight": weight} if kind == "input" else {}))
+
+    def graph(self, root: Version, max_depth: int) -> dict[str, Any]:
+        root_key = self.version(root)
+        self.nodes[root_key]["role"] = "root"
+        self.ancestors(root, max_depth)
+        self.descendants(root, max_depth)
+        return {"root": root_key, "nodes": list(self.nodes.values()), "edges": self.edges}
+
+    def ancestors(self, cur: Version, max_depth: int) -> None:
+        depth = 0
+        while cur is not None and depth < max_depth:
+            b = self.base(cur)
+            if b:
+                self.edge(b, self.version(cur), "base")
+            par = cur.parent
+            if par is None:
+                break
+            self.edge(self.version(par), self.version(cur), "parent")
+            self.nodes[self.version(par)].setdefault("role", "ancestor")
+            cur, depth = par, depth + 1
+
+    def descendants(self, root: Version, max_depth: int) -> None:
+        s = self.s
+        frontier, seen, depth = [root], {root.id}, 0
+        while frontier and depth < max_depth:
+            by_id = {v.id: v for v in frontier}
+            for vid, aid, w in s.execute(select(ArtifactInput.version_id, ArtifactInput.artifact_id,
+                                                ArtifactInput.weight).where(ArtifactInput.version_id.in_(list(by_id)))):
+                a = s.get(Artifact, aid)
+                key = artifact_ref(aid)
+                self.nodes.setdefault(key, {"id": key, "type": "artifact", "kind": a.kind, "path": a.path,
+                                            "digest": a.digest, "role": "descendant"})
+                self.edge(self.version(by_id[vid]), key, "input", w)
+            nxt = []
+            for c in s.scalars(select(Version).where(Version.parent_id.in_(list(by_id))).order_by(Version.id)).all():
+                if c.id in seen:
+                    continue
+                seen.add(c.id)
+                self.edge(self.version(by_id[c.parent_id]), self.version(c), "parent")
+                self.nodes[self.version(c)].setdefault("role", "descendant")
+                nxt.append(c)
+            frontier, depth = nxt, depth + 1
 
 _MERMAID_SAFE = re.compile(r"[A-Za-z0-9 ._:/@(),=+-]")
 

@@ -4,8 +4,12 @@ The database schema is created and changed only by the alembic migrations in
 `migrations/`; a test checks that these models and the migrations agree. JSON
 documents are stored as canonical text (sorted keys) so that SQLite and PostgreSQL
 round-trip them byte for byte and digests over them stay reproducible.
+
+Relationships are for reading (`version.adapter.name`, `version.parent`, `alias.version`):
+rows are written explicitly, so collections are view-only and never cascade.
 """
 
+from __future__ import annotations
 
 from datetime import datetime
 
@@ -20,7 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 DIGEST = String(71)  # "sha256:" + 64 hex
 
@@ -39,6 +43,8 @@ class State(Base):
 
 
 class Name(Base):
+    """An adapter name (`team/llama-mora`); `latest` is the highest number ever given."""
+
     __tablename__ = "names"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
@@ -47,6 +53,8 @@ class Name(Base):
 
 
 class Blob(Base):
+    """A blob the store recorded (its bytes live in the blob directory under its digest)."""
+
     __tablename__ = "blobs"
     digest: Mapped[str] = mapped_column(DIGEST, primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -83,8 +91,15 @@ class Version(Base):
         Index("ix_versions_base_model", "base_model", "id"),
     )
 
+    adapter: Mapped[Name] = relationship()
+    parent: Mapped[Version | None] = relationship(remote_side=[id])
+    files: Mapped[list[VersionFile]] = relationship(viewonly=True, order_by="VersionFile.path")
+    aliases: Mapped[list[Alias]] = relationship(viewonly=True, order_by="Alias.alias")
+
 
 class VersionFile(Base):
+    """One file of a version: its path in the folder and the blob holding its bytes."""
+
     __tablename__ = "version_files"
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
     path: Mapped[str] = mapped_column(String(300), primary_key=True)
@@ -104,12 +119,17 @@ class VersionMeta(Base):
 
 
 class Alias(Base):
+    """A movable label `name@alias` on one version of that name."""
+
     __tablename__ = "aliases"
     name_id: Mapped[int] = mapped_column(ForeignKey("names.id"), primary_key=True)
     alias: Mapped[str] = mapped_column(String(100), primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), nullable=False)
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     __table_args__ = (Index("ix_aliases_version", "version_id"),)
+
+    adapter: Mapped[Name] = relationship()
+    version: Mapped[Version] = relationship()
 
 
 class Artifact(Base):
@@ -127,6 +147,8 @@ class Artifact(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     __table_args__ = (Index("ix_artifacts_digest", "digest"),)
 
+    inputs: Mapped[list[ArtifactInput]] = relationship(viewonly=True)
+
 
 class ArtifactInput(Base):
     """Lineage edge version -> artifact, with the merge weight."""
@@ -136,6 +158,9 @@ class ArtifactInput(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
     weight: Mapped[float] = mapped_column(Float, nullable=False)
     __table_args__ = (Index("ix_artifact_inputs_version", "version_id"),)
+
+    artifact: Mapped[Artifact] = relationship(viewonly=True)
+    version: Mapped[Version] = relationship(viewonly=True)
 
 
 class AuditEvent(Base):

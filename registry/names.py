@@ -1,4 +1,4 @@
-"""Adapter names and references: parsing and validation, no database.
+"""Adapter names, references and metadata keys: parsing, formatting and validation, no database.
 
 Names are path-like (`team/llama-mora`) but must never escape the store or be
 ambiguous in a reference, so: lowercase letters, digits and `-_./`, no `..`, no
@@ -9,11 +9,15 @@ leading or trailing `/`, no `//`. A reference is one of
     name@alias      the version an alias points at
     name@sha256:P   the version whose digest starts with P (at least 12 hex digits)
     artifact:ID  /  artifact@sha256:P   a registered merge output
+
+`version_ref` and `artifact_ref` write the canonical forms back (the only place they are
+spelled out); `parse_ref` reads them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from registry.errors import RegistryError
@@ -27,6 +31,22 @@ MAX_INT = 2**31 - 1  # the database's INTEGER range (PostgreSQL `integer`): vers
 MIN_PREFIX = 12
 MAX_NAME = 200
 ARTIFACT = "artifact"  # reserved: artifact references start with it
+MAX_META = 64
+
+
+def version_ref(name: str, number: int) -> str:
+    """`name:N`, the canonical reference of a version."""
+    return f"{name}:{number}"
+
+
+def artifact_ref(artifact_id: int) -> str:
+    """`artifact:ID`, the canonical reference of an artifact."""
+    return f"{ARTIFACT}:{artifact_id}"
+
+
+def alias_ref(name: str, alias: str) -> str:
+    """`name@alias`."""
+    return f"{name}@{alias}"
 
 
 def check_name(name: str) -> str:
@@ -128,3 +148,29 @@ def parse_ref(text: str) -> Ref:
             raise RegistryError(f"reference {text!r}: version must be a positive number")
         return Ref(name, number=parse_int(num, f"reference {text!r}: version", minimum=1))
     return Ref(check_name(text))
+
+
+def split_kv(item: str, what: str) -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY stripped, VALUE); `what` names the option in the error."""
+    if "=" not in item:
+        raise RegistryError(f"{what} {item!r}: expected KEY=VALUE")
+    k, _, v = item.partition("=")
+    return k.strip(), v
+
+
+def parse_meta(meta: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """`{"k": "v"}` or `["k=v", ...]` -> validated dict (keys: letters, digits, -_.)."""
+    if meta is None:
+        return {}
+    items = meta.items() if isinstance(meta, dict) else (split_kv(m, "--meta") for m in meta)
+    out = {}
+    for k, v in items:
+        k, v = str(k), str(v)
+        if not k or len(k) > 100 or not k.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise RegistryError(f"metadata key {k!r}: use letters, digits and -_. (at most 100)")
+        if len(v) > 500:
+            raise RegistryError(f"metadata {k}: value longer than 500 characters")
+        out[k] = v
+    if len(out) > MAX_META:
+        raise RegistryError(f"at most {MAX_META} metadata entries")
+    return out

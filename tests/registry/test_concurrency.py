@@ -1,5 +1,9 @@
 """Concurrent pushes from several processes (SQLite and PostgreSQL): distinct, gap-free
-version numbers, no "database is locked", nothing lost, audit chain intact."""
+version numbers, no "database is locked", nothing lost, audit chain intact.
+
+Each push pauses inside its write transaction (`ADAPTERS_PAUSE_AT`, registry.faults), so the
+writers overlap for certain: only the writer lock (SQLite `BEGIN IMMEDIATE`, PostgreSQL's
+state-row lock) keeps them apart, and the test fails without it."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from registry.faults import PAUSE_ENV
 from tests.builders import write_adapter
 
 DRIVER = r"""
@@ -26,6 +31,7 @@ print(json.dumps(out))
 
 PROCS = 4
 PER_PROC = 3
+PAUSE_S = 0.2
 
 
 def test_concurrent_pushes_same_name(tmp_path, store_env, reg):
@@ -34,7 +40,8 @@ def test_concurrent_pushes_same_name(tmp_path, store_env, reg):
     dup = str(write_adapter(tmp_path / "dup", seed=0))  # same bytes as p0-0: must not get its own version
     folders[-1].append(dup)
     start = time.time() + 6
-    procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(start), "team/shared", *fs], env=store_env,
+    env = dict(store_env, **{PAUSE_ENV: f"before_commit:{PAUSE_S}"})
+    procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(start), "team/shared", *fs], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for fs in folders]
     results = []
     for p in procs:

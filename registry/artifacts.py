@@ -1,0 +1,142 @@
+"""Artifacts: outputs built from versions (merged safetensors folders, ONNX graphs), recorded
+where they were written (they can be many GB; they are not copied into the store), with
+their files' digests, recipe, validation report and lineage edges from their inputs.
+
+A caller that hashed the files while writing them passes `files` and nothing is read
+again here; without it, each file is hashed once.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry import audit, refs
+from registry.config import actor
+from registry.copying import hash_file
+from registry.db import Database
+from registry.digests import artifact_digest, canonical, is_digest
+from registry.errors import RegistryError
+from registry.info import ArtifactInfo, utc
+from registry.models import Artifact, ArtifactInput, Name, Version
+from registry.names import artifact_ref, parse_ref, version_ref
+
+KINDS = ("safetensors", "onnx", "onnx_slots", "onnx_adapter")
+
+
+def register(db: Database, *, kind: str, path: str | Path, files: dict[str, str] | None,
+             recipe: dict, inputs: list[tuple[str, float]], report: dict | None) -> ArtifactInfo:
+    """Record an output in place, with edges from each input version (weights of a repeated
+    input add up) and an audit event. `files`: {path relative to `path`: `sha256:` digest}."""
+    if kind not in KINDS:
+        raise RegistryError(f"artifact kind {kind!r}: expected one of {', '.join(KINDS)}")
+    path = Path(path).resolve()
+    files = hash_files(path) if files is None else check_files(path, files)
+    digest = artifact_digest(kind, files)
+    recipe_text = canonical(recipe)
+    report_text = canonical(report) if report is not None else None
+    with db.writing() as s:
+        weights: dict[int, float] = {}
+        labels: dict[int, str] = {}
+        for ref, w in inputs:
+            v = refs.version_row(s, ref)
+            weights[v.id] = weights.get(v.id, 0.0) + float(w)
+            labels[v.id] = refs.label(v)
+        a = Artifact(digest=digest, kind=kind, path=str(path), files=canonical(files),
+                     recipe=recipe_text, report=report_text, author=actor(), created=datetime.now(timezone.utc))
+        s.add(a)
+        s.flush()
+        for vid, w in weights.items():
+            s.add(ArtifactInput(artifact_id=a.id, version_id=vid, weight=w))
+        audit.append(s, "register", artifact_ref(a.id),
+                     {"kind": kind, "path": str(path), "digest": digest,
+                      "inputs": [[labels[v], w] for v, w in weights.items()]})
+        s.flush()
+        return describe(s, a)
+
+
+def hash_files(path: Path) -> dict[str, str]:
+    """{relative posix path: digest} of a folder's files (or of one file), sorted."""
+    if path.is_dir():
+        return {p.relative_to(path).as_posix(): hash_file(p)[0] for p in sorted(path.rglob("*")) if p.is_file()}
+    if path.is_file():
+        return {path.name: hash_file(path)[0]}
+    raise RegistryError(f"{path}: artifact not found")
+
+
+def check_files(path: Path, files: dict[str, str]) -> dict[str, str]:
+    """Validate caller-computed digests without reading the files: well-formed digests,
+    relative paths inside the artifact, each naming an existing file. Returns them sorted."""
+    if not path.exists():
+        raise RegistryError(f"{path}: artifact not found")
+    if not files:
+        raise RegistryError(f"{path}: an artifact needs at least one file")
+    for rel, digest in files.items():
+        pure = PurePosixPath(rel)
+        if not rel or pure.is_absolute() or ".." in pure.parts:
+            raise RegistryError(f"artifact file {rel!r}: expected a path relative to {path}")
+        if not is_digest(digest):
+            raise RegistryError(f"artifact file {rel}: malformed digest {digest!r}")
+        if not file_of(path, rel).is_file():
+            raise RegistryError(f"{file_of(path, rel)}: artifact file not found")
+    return dict(sorted(files.items()))
+
+
+def damage(ref: str, root: Path, files: dict[str, str]) -> list[tuple[bool, str]]:
+    """(altered?, one line) for each recorded file that is missing or whose bytes differ (re-hashed)."""
+    out = []
+    for rel, digest in files.items():
+        p = file_of(root, rel)
+        if not p.is_file():
+            out.append((False, f"{ref}: {p} is missing"))
+        elif hash_file(p)[0] != digest:
+            out.append((True, f"{ref}: {p} is altered (digest differs from the record)"))
+    return out
+
+
+def check(db: Database, ref: str) -> list[str]:
+    """Problems of one artifact's files (missing, altered); [] when every file matches its record."""
+    info = artifact(db, ref)
+    return [line for _, line in damage(info.ref, Path(info.path), info.files)]
+
+
+def file_of(root: Path, rel: str) -> Path:
+    """Where an artifact's file `rel` lives (the artifact may be a single file)."""
+    return root if root.is_file() else root / rel
+
+
+def describe(s: Session, a: Artifact) -> ArtifactInfo:
+    """The one place an artifact row becomes an ArtifactInfo (inputs as `name:N`, sorted)."""
+    inputs = [(version_ref(n, num), w) for n, num, w in s.execute(
+        select(Name.name, Version.number, ArtifactInput.weight)
+        .join(Version, Version.id == ArtifactInput.version_id).join(Name, Name.id == Version.name_id)
+        .where(ArtifactInput.artifact_id == a.id).order_by(Name.name, Version.number))]
+    return ArtifactInfo(id=a.id, digest=a.digest, kind=a.kind, path=a.path, files=json.loads(a.files),
+                        recipe=json.loads(a.recipe), report=json.loads(a.report) if a.report else None,
+                        inputs=inputs, author=a.author, created=utc(a.created))
+
+
+def artifact_row(s: Session, ref: str) -> Artifact:
+    """The artifact row of `artifact:ID` or `artifact@sha256:PREFIX`."""
+    r = parse_ref(ref)
+    if not r.is_artifact:
+        raise RegistryError(f"reference {ref!r} is not an artifact reference")
+    if r.artifact_id is not None:
+        a = s.get(Artifact, r.artifact_id)
+        if a is None:
+            raise RegistryError(f"unknown artifact {ref!r}")
+        return a
+    return refs.one_by_digest(
+        s, select(Artifact), Artifact.digest, r.digest_prefix, missing=f"unknown artifact {ref!r}",
+        ambiguous=lambda a, b: f"reference {ref!r} is ambiguous ({artifact_ref(a.id)}, {artifact_ref(b.id)}): "
+                               "give more digits")
+
+
+def artifact(db: Database, ref: str) -> ArtifactInfo:
+    """Everything recorded about an artifact."""
+    with db.read() as s:
+        return describe(s, artifact_row(s, ref))
