@@ -31,10 +31,10 @@ from registry import (
 )
 from registry.blobs import BlobStore, Progress
 from registry.config import resolve_home, resolve_url
-from registry.copying import hash_file
 from registry.db import Database, ensure_schema, is_sqlite
 from registry.digests import manifest_digest
 from registry.errors import IntegrityError, RegistryError
+from registry.file_digests import file_digests
 from registry.folders import check_base
 from registry.info import ArtifactInfo, GcReport, VerifyReport, VersionInfo
 from registry.names import artifact_ref, parse_meta
@@ -123,11 +123,12 @@ class Registry:
 
     def check_base(self, ref: str, base_dir: str | Path) -> list[str]:
         """Differences between the base weights recorded at push and those in `base_dir`."""
-        return check_base(self.resolve(ref).base_files, base_dir)
+        return check_base(self.resolve(ref).base_files, base_dir, self.file_digests)
 
-    def file_digests(self, paths: Sequence[Path]) -> dict[str, str]:
-        """{file name: `sha256:<hex>`} of regular files (one read each)."""
-        return {Path(p).name: hash_file(Path(p))[0] for p in paths}
+    def file_digests(self, paths: Sequence[str | Path], progress: Progress | None = None) -> dict[str, str]:
+        """{file name: `sha256:<hex>`} of local files, hashing only those whose (path, size,
+        mtime_ns, ctime_ns, inode) is not cached in the store; names must be distinct."""
+        return file_digests(self.db, paths, progress)
 
     # ------------------------------------------------------------------ artifacts and lineage
     def register_artifact(self, *, kind: str, path: Path, files: dict[str, str] | None = None,

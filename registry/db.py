@@ -24,7 +24,7 @@ from registry.errors import RegistryError
 from registry.models import State
 
 # The newest migration in migrations/versions (a test checks this against alembic's head).
-SCHEMA_HEAD = "0002_batch_jobs"
+SCHEMA_HEAD = "0003_file_digests"
 BUSY_TIMEOUT_S = 300
 
 

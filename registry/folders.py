@@ -1,4 +1,5 @@
-"""What a push reads from disk: the adapter folder's files, its spec, the base weights.
+"""What a push reads from disk: the adapter folder's files, its spec, the base weight files
+(hashed through the store's digest cache, `registry.file_digests`).
 
 The spec comes from `mora_core.adapter.load_adapter` (which validates everything that
 can be checked without the base model). It imports torch, so it is imported here
@@ -7,10 +8,10 @@ lazily, only on the push path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from registry.copying import hash_file
 from registry.errors import RegistryError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -52,15 +53,15 @@ def inspect_adapter(folder: Path) -> dict[str, Any]:
     return adapter.summary()
 
 
-def hash_base(base_dir: str | Path) -> dict[str, str]:
-    """{file name: sha256 digest} for each weight file at the top of a base model folder."""
+def base_weight_files(base_dir: str | Path) -> list[Path]:
+    """The weight files at the top of a base model folder, sorted (what a base digest covers)."""
     base = Path(base_dir)
     if not base.is_dir():
         raise RegistryError(f"{base}: base model folder not found")
     files = sorted(p for p in base.iterdir() if p.is_file() and p.name.endswith(BASE_WEIGHT_SUFFIXES))
     if not files:
         raise RegistryError(f"{base}: no weight files ({', '.join('*' + s for s in BASE_WEIGHT_SUFFIXES[:2])}) found")
-    return {p.name: hash_file(p)[0] for p in files}
+    return files
 
 
 def compare_base(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
@@ -76,8 +77,10 @@ def compare_base(recorded: dict[str, str], current: dict[str, str]) -> list[str]
     return out
 
 
-def check_base(recorded: dict[str, str] | None, base_dir: str | Path) -> list[str]:
-    """Differences between the base digests recorded at push and `base_dir` (nothing recorded: [])."""
+def check_base(recorded: dict[str, str] | None, base_dir: str | Path,
+               digests: Callable[[list[Path]], dict[str, str]]) -> list[str]:
+    """Differences between the base digests recorded at push and `base_dir`, hashed with
+    `digests` (the store's cached `file_digests`); nothing recorded: [] and nothing read."""
     if not recorded:
         return []
-    return compare_base(recorded, hash_base(base_dir))
+    return compare_base(recorded, digests(base_weight_files(base_dir)))

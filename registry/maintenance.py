@@ -1,6 +1,7 @@
 """Keeping the store honest and small: `delete` forgets a version, `gc` frees the bytes
-nothing refers to any more (and leftovers of interrupted writes), `verify` re-hashes every
-blob and artifact file and walks the audit chain.
+nothing refers to any more (and leftovers of interrupted writes; it also forgets cached
+digests of files that are gone or changed), `verify` re-hashes every blob and artifact file
+(never trusting the digest cache) and walks the audit chain.
 
 gc runs in a write transaction (the writer lock), so no push can publish a blob that gc is
 about to judge unreferenced; a push's temp files are flock-ed by their writer and skipped.
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select
 
-from registry import audit, refs
+from registry import audit, file_digests, refs
 from registry.artifacts import damage
 from registry.blobs import BlobStore
 from registry.checkout import CACHE, TMP_MARK
@@ -116,6 +117,7 @@ def gc(db: Database, blobs: BlobStore, home: Path, dry_run: bool = False) -> GcR
                     tmp.unlink()
         rep.bytes_freed += _cache_leftovers(home / CACHE, rep, dry_run)
         if not dry_run:
+            file_digests.prune(s)
             audit.append(s, "gc", "store", {"blobs_removed": len(rep.blobs),
                                            "leftovers_removed": len(rep.leftovers),
                                            "bytes_freed": rep.bytes_freed})

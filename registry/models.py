@@ -163,6 +163,20 @@ class ArtifactInput(Base):
     version: Mapped[Version] = relationship(viewonly=True)
 
 
+class FileDigest(Base):
+    """A cached digest of a local file, valid while the file's identity (size, mtime_ns,
+    ctime_ns, inode) is what it was when hashed; see `registry.file_digests`."""
+
+    __tablename__ = "file_digests"
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ctime_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    inode: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    digest: Mapped[str] = mapped_column(DIGEST, nullable=False)
+    hashed: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class AuditEvent(Base):
     """Append-only; `hash = sha256(prev_hash + canonical event)`, see `registry.audit`."""
 

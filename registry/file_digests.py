@@ -1,0 +1,132 @@
+"""Cached digests of local files (git's index idea): a file is hashed once, and again only
+when its identity changes.
+
+The cache maps an absolute path to the identity the file had when it was hashed (size,
+mtime_ns, ctime_ns, inode) and its `sha256:` digest. A lookup stats the file; the cached
+digest is used only if all four are unchanged, else the file is hashed again. So merging onto
+the same base a second time reads no base byte: the digests come from one query.
+
+Guards, as in git: a file stamped (mtime or ctime) less than one timestamp tick before its
+hashing began is hashed but not cached, since a write in that same tick would leave the
+stamps unchanged; the tick is taken as COARSE_NS on filesystems whose stamps are whole
+seconds (FAT, ext3, HFS+) and FINE_NS elsewhere. A file whose identity changes while it is
+being hashed is an error. ctime is part of the identity because it cannot be set back (a
+copy that restores mtime still changes it).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+
+from registry.copying import Progress, hash_file
+from registry.db import Database
+from registry.errors import RegistryError
+from registry.models import FileDigest
+
+COARSE_NS = 2_000_000_000  # whole-second stamps: FAT's are 2 s apart
+FINE_NS = 50_000_000  # ns stamps taken from the kernel's coarse clock (a jiffy: 1-10 ms)
+BATCH = 500  # paths per IN (...) lookup
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What must be unchanged for a cached digest to still describe a file's bytes."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    def racy(self, hashed_ns: int) -> bool:
+        """True if a write in the tick before `hashed_ns` could leave these stamps unchanged."""
+        coarse = self.mtime_ns % 1_000_000_000 == 0 and self.ctime_ns % 1_000_000_000 == 0
+        return hashed_ns - max(self.mtime_ns, self.ctime_ns) < (COARSE_NS if coarse else FINE_NS)
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        ino = st.st_ino if st.st_ino < 1 << 63 else st.st_ino - (1 << 64)  # fits a signed BIGINT
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, ino)
+
+
+def file_digests(db: Database, paths: Sequence[str | Path], progress: Progress | None = None) -> dict[str, str]:
+    """{file name: `sha256:<hex>`} for `paths`, in their order, hashing only files whose cached
+    identity does not match. File names must be distinct (they are the keys)."""
+    given = [Path(p) for p in paths]
+    names = [p.name for p in given]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise RegistryError(f"file digests: two paths end in the same file name {dup!r}")
+    keys = [str(p.resolve()) for p in given]
+    idents = [Identity.of(_stat(p)) for p in given]
+    cached = _lookup(db, keys)
+    out: dict[str, str] = {}
+    fresh: list[FileDigest] = []
+    for p, key, ident in zip(given, keys, idents):
+        hit = cached.get(key)
+        if hit is not None and hit[0] == ident:
+            out[p.name] = hit[1]
+            continue
+        started = time.time_ns()
+        digest, size = hash_file(p, progress)
+        if Identity.of(_stat(p)) != ident or size != ident.size:
+            raise RegistryError(f"{p}: changed while it was being hashed; try again")
+        out[p.name] = digest
+        if not ident.racy(started):
+            fresh.append(FileDigest(path=key, size=ident.size, mtime_ns=ident.mtime_ns, ctime_ns=ident.ctime_ns,
+                                    inode=ident.inode, digest=digest, hashed=datetime.now(timezone.utc)))
+    if fresh:
+        _store(db, fresh)
+    return out
+
+
+def prune(s) -> int:
+    """Forget entries whose file is gone or changed (inside the caller's write transaction)."""
+    gone = 0
+    for row in s.scalars(select(FileDigest)).all():
+        try:
+            ident = Identity.of(os.stat(row.path))
+        except OSError:
+            ident = None
+        if ident != Identity(row.size, row.mtime_ns, row.ctime_ns, row.inode):
+            s.delete(row)
+            gone += 1
+    return gone
+
+
+def _stat(p: Path) -> os.stat_result:
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise RegistryError(f"{p}: file not found") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RegistryError(f"{p}: not a regular file")
+    return st
+
+
+def _lookup(db: Database, keys: list[str]) -> dict[str, tuple[Identity, str]]:
+    out: dict[str, tuple[Identity, str]] = {}
+    with db.read() as s:
+        for i in range(0, len(keys), BATCH):
+            for row in s.scalars(select(FileDigest).where(FileDigest.path.in_(keys[i:i + BATCH]))):
+                out[row.path] = (Identity(row.size, row.mtime_ns, row.ctime_ns, row.inode), row.digest)
+    return out
+
+
+def _store(db: Database, rows: list[FileDigest]) -> None:
+    """Insert or replace entries. Best effort: a store that cannot be written (read-only home,
+    a role without INSERT) still answers, it only hashes again next time."""
+    try:
+        with db.writing() as s:
+            for row in rows:
+                s.merge(row)
+    except DBAPIError:
+        pass
