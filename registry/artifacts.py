@@ -62,7 +62,8 @@ def register(db: Database, *, kind: str, path: str | Path, files: dict[str, str]
 def hash_files(path: Path) -> dict[str, str]:
     """{relative posix path: digest} of a folder's files (or of one file), sorted."""
     if path.is_dir():
-        return {p.relative_to(path).as_posix(): hash_file(p)[0] for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        return {rel: hash_file(files[rel])[0] for rel in sorted(files)}
     if path.is_file():
         return {path.name: hash_file(path)[0]}
     raise RegistryError(f"{path}: artifact not found")
