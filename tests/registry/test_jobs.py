@@ -35,7 +35,7 @@ def test_an_expired_lease_of_another_host_is_taken_over(reg):
 
     assert reg.claim_job(KEY, "/out", "elsewhere:42").status == "claimed"
     assert reg.claim_job(KEY, "/out", "here:1").status == "busy"
-    with reg._writing() as s:
+    with reg.db.writing() as s:
         s.get(BatchJob, KEY).lease_expires = datetime.now(timezone.utc) - timedelta(seconds=1)
     assert reg.claim_job(KEY, "/out", "here:1").status == "claimed"
     reg.finish_job(KEY, "elsewhere:42", None, "late result")  # the old owner's result no longer counts
