@@ -30,7 +30,7 @@ def seed(home: Path, versions: int) -> None:
 
     from registry.api import Registry
     from registry.models import Name, Version, VersionFile, VersionMeta
-    from tests.conftest import write_adapter
+    from tests.builders import write_adapter
 
     reg = Registry.open(home)
     for i in range(4):
