@@ -41,12 +41,11 @@ class MoraBranch:
 
     def __init__(self, op: MoraOperator):
         self.op = op
-        index = op.decompress_map.clone()
-        identity = index.numel() == op.compress_width and torch.equal(index, torch.arange(index.numel()))
-        self.index = None if identity else index
         if op.mora_type == 6:
             cos, sin = rope_tables(op.r_hat, op.n_blocks)
-            self.cos, self.sin = cos.clone(), sin.clone()
+            h = op.r_hat // 2
+            # rotate_half(c) * sin == cat(c[h:], c[:h]) * cat(-sin[:h], sin[h:]): no Neg node
+            self.cos, self.sin = cos.clone(), torch.cat((-sin[:, :h], sin[:, h:]), dim=-1)
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
         """`[..., in] -> [..., r_hat]` (types 1-4) or `[..., n_blocks, r_hat]` (type 6)."""
@@ -72,11 +71,33 @@ class MoraBranch:
         """Type 6: rotate block b of `[..., n_blocks, r_hat]` by its RoPE angle (the reference's float32 tables)."""
         h = self.op.r_hat // 2
         cos, sin = self.cos.to(c.dtype), self.sin.to(c.dtype)
-        return c * cos + torch.cat((-c[..., h:], c[..., :h]), dim=-1) * sin
+        return c * cos + torch.cat((c[..., h:], c[..., :h]), dim=-1) * sin
 
     def decompress(self, y: torch.Tensor) -> torch.Tensor:
-        """`[..., width] -> [..., out]`: each output feature reads its slot (one Gather)."""
-        return y if self.index is None else torch.index_select(y, -1, self.index.to(y.device))
+        """`[..., width] -> [..., out]`, block copies only (an element-wise Gather on the last axis
+        costs ~30x more on ONNX Runtime's CPU provider).
+
+        Types 1/3/6 tile the results over the outputs (`Tile` + `Slice`); types 2/4 repeat
+        each result over its group of outputs (`Tile` on a new axis + `Transpose`; the first
+        `out % r_hat` groups are one longer).
+        """
+        op = self.op
+        out, width = op.out_features, y.shape[-1]
+        lead = [1] * (y.dim() - 1)
+        if op.mora_type in (1, 3, 6):
+            k = -(-out // width)
+            tiled = y if k == 1 else y.repeat(*lead, k)
+            return tiled if k * width == out else tiled[..., :out]
+        q, m = divmod(out, width)
+        if q == 0:
+            return y[..., :out]
+
+        def each(part: torch.Tensor, times: int) -> torch.Tensor:
+            return part.unsqueeze(-2).repeat(*lead, times, 1).transpose(-1, -2).flatten(-2)
+
+        if m == 0:
+            return each(y, q)
+        return torch.cat((each(y[..., :m], q + 1), each(y[..., m:], q)), dim=-1)
 
     def __call__(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """`decompress(M compress(x))` (type 6: rotate the blocks before M), no dense matrix."""
