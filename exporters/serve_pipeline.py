@@ -16,8 +16,6 @@ store unchanged), `ValidationFailed` when a check fails (nothing kept).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -147,15 +145,12 @@ def run_pack(opts: PackOptions) -> dict[str, Any]:
 
 def _graph_artifact(registry: Any, graph_dir: Path) -> str | None:
     """The artifact reference of a registered graph folder (found by its content digest), or None."""
-    from registry.blobs import hash_file
+    from registry.artifacts import hash_files
+    from registry.digests import artifact_digest
     from registry.errors import RegistryError
 
-    files = {p.relative_to(graph_dir).as_posix(): hash_file(p)[0]
-             for p in sorted(graph_dir.rglob("*")) if p.is_file()}
-    canonical = json.dumps({"kind": KIND_SLOTS, "files": dict(sorted(files.items()))}, sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    digest = artifact_digest(KIND_SLOTS, hash_files(Path(graph_dir).resolve()))
     try:
-        return f"artifact:{registry.artifact(f'artifact@sha256:{digest}').id}"
+        return f"artifact:{registry.artifact(f'artifact@{digest}').id}"
     except RegistryError:
         return None
