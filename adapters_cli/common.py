@@ -148,7 +148,7 @@ def complete_ref(ctx: click.Context, param: click.Parameter, incomplete: str) ->
         url = db_url or resolve_url(Path(home))
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
             return []  # no store here: nothing to complete, and nothing is created
-        with Registry.open(home, db_url) as reg:
+        with Registry.open(home, db_url, create=False) as reg:
             return [CompletionItem(r) for r in reg.complete_refs(incomplete)]
     except Exception:  # completion must never print a traceback into the user's shell
         return []

@@ -28,7 +28,8 @@ command = guarded  # every command: library errors become one `error:` line and 
 COUNT = click.IntRange(0, MAX_INT)  # --limit/--offset: what the database can take
 
 
-def _open(home: str | None, db_url: str | None):
+def _open(home: str | None, db_url: str | None, create: bool = False):
+    """The store; only commands that write a new version (`push`) create it (see Registry.open)."""
     import gc
 
     import sqlalchemy.orm  # noqa: F401
@@ -38,7 +39,7 @@ def _open(home: str | None, db_url: str | None):
     gc.freeze()
     from registry.api import Registry
 
-    return Registry.open(home=home, db_url=db_url)
+    return Registry.open(home=home, db_url=db_url, create=create)
 
 
 def _where(reg) -> str:
@@ -75,7 +76,7 @@ def push(folder: str, name: str, base_model: str | None, base_revision: str | No
       adapters push ./my-mora --name team/llama-mora --base-model meta-llama/Llama-3-8B --tag prod
       adapters push ./my-mora-v2 --name team/llama-mora --parent team/llama-mora:1 --meta dataset=alpaca
     """
-    reg = _open(home, db_url)
+    reg = _open(home, db_url, create=True)
     prog = ProgressLine(verb="push")
     info = reg.push(folder, name, base_model=base_model, base_revision=base_revision, base_dir=base_dir,
                     parent=parent, tags=tags, meta=list(meta), message=message, progress=prog.add)
@@ -125,7 +126,14 @@ def list_(name: str | None, base_model: str | None, where: tuple[str, ...], limi
       adapters list team/llama-mora --where dataset=alpaca --where kind=mora
       adapters list --base-model meta-llama/Llama-3-8B --limit 20 --offset 20 --json
     """
-    reg = _open(home, db_url)
+    from registry.errors import StoreMissing
+
+    try:
+        reg = _open(home, db_url)
+    except StoreMissing as exc:  # nothing to list is an answer, not a mistake: say why
+        emit_json([]) if as_json else None
+        click.echo(f"no versions: {exc}", err=True)
+        return
     rows = reg.list(name, base_model=base_model, where=list(where), limit=limit, offset=offset)
     if as_json:
         emit_json([v.to_dict() for v in rows])

@@ -54,7 +54,7 @@ def resolve_adapters(args: Sequence[str], base_dir: Path, registry: Callable[[],
 
 def _resolve(registry: Callable[[], Any], arg: str, path: Path) -> Any:
     """The registry version `arg` names; a mistyped folder is reported as one, not as a bad name."""
-    from registry.errors import RegistryError
+    from registry.errors import RegistryError, StoreMissing
     from registry.names import parse_ref
 
     if path.exists():
@@ -64,6 +64,8 @@ def _resolve(registry: Callable[[], Any], arg: str, path: Path) -> Any:
         raise ExportError(f"{arg}: no such adapter folder (and not a registry reference)")
     try:
         return registry().resolve(arg)
+    except StoreMissing as exc:
+        raise ExportError(f"{arg}: no such adapter folder, and {exc}") from None
     except RegistryError as exc:
         if str(exc).startswith("unknown adapter"):
             raise ExportError(f"{arg}: no such adapter folder, and {exc} in the registry") from None
@@ -93,8 +95,9 @@ def tool_versions() -> dict[str, str]:
 
 def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
                     resolved: list[ResolvedAdapter], weights: list[float], dtype: str, accumulate: str,
-                    summary: dict[str, Any]) -> dict[str, Any]:
-    """Record the output as an artifact whose lineage points at every input version."""
+                    summary: dict[str, Any], output: int | None = None) -> dict[str, Any]:
+    """Record the output as an artifact whose lineage points at every input version
+    (`output`: the pending-output token, completed in the same transaction)."""
     from mora_core.checkpoint import open_checkpoint
 
     base = open_checkpoint(base_dir)
@@ -117,7 +120,7 @@ def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
         if key in summary:
             recipe[key] = summary[key]
     inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]
-    info = registry.register_artifact(kind=kind, path=out_dir, recipe=recipe, inputs=inputs,
+    info = registry.register_artifact(kind=kind, path=out_dir, recipe=recipe, inputs=inputs, output=output,
                                       report=summary.get("validation"))
     return info.to_dict()
 

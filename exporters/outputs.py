@@ -35,6 +35,7 @@ from exporters.errors import ExportError
 from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member
 from mora_core.errors import MergeError
 from registry.blobs import fsync_dir
+from registry.faults import fault_point
 
 try:
     import fcntl
@@ -64,10 +65,11 @@ def staged_output(out: Path) -> Iterator[Path]:
     tmp = partial_path(out, os.getpid())
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, mode=0o700)  # private while written; the caller sets the final modes
     lock = _hold(tmp)  # held until the folder is renamed or removed: a live writer's mark
     try:
         yield tmp
+        fault_point("output_written")
         fsync_dir(tmp)
         if out.is_dir():
             out.rmdir()  # empty (refused otherwise); rmdir fails if someone filled it meanwhile

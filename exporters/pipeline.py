@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.errors import ExportError
+from registry.faults import fault_point
 
 TARGETS = ("safetensors", "onnx")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -78,8 +79,9 @@ class MergeOptions:
     def weight_list(self) -> list[float]:
         return list(self.weights) if self.weights else [1.0] * len(self.adapters)
 
-    def check(self) -> None:
-        """Raise `ExportError` naming the first bad option; touches nothing."""
+    def check(self, *, output: bool = True) -> None:
+        """Raise `ExportError` naming the first bad option; touches nothing. `output`: also
+        refuse an existing output (`check_output`)."""
         if not self.adapters:
             raise ExportError("no adapters given")
         if self.target not in TARGETS:
@@ -102,28 +104,44 @@ class MergeOptions:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ExportError(f"--{name} {v}: a finite, non-negative number is needed")
+        if output:
+            self.check_output()
+
+    def check_output(self) -> None:
+        """`ExportError` if the output exists (and is not an empty folder) unless it is to be replaced."""
         out = Path(self.out_dir)
         if not self.replace_output and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ExportError(f"{out}: output already exists; choose another -o or remove it")
+
+    @property
+    def registers(self) -> bool:
+        """Whether the output is recorded as an artifact (ONNX: only when validated)."""
+        return self.register and (self.target == "safetensors" or self.validate)
 
 
 def run_merge(opts: MergeOptions) -> dict[str, Any]:
     """Run one merge job; see the module docstring. Returns the summary (JSON-able)."""
     started = time.perf_counter()
-    opts.check()
+    opts.check(output=False)
     weights = opts.weight_list()
     from exporters.inputs import register_output, resolve_adapters
 
     final = Path(opts.out_dir)
-    replacing = opts.replace_output and final.exists()
-    build = final.parent / f".{final.name}.replacement-{os.getpid()}" if replacing else final
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
         stack.callback(registry.close)
-        if replacing:
-            stack.callback(shutil.rmtree, build, ignore_errors=True)
         resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
+        reclaimed = _reclaim(registry, final) if opts.registers and not opts.replace_output else []
+        opts.check_output()
+        replacing = opts.replace_output and final.exists()
+        build = final.parent / f".{final.name}.replacement-{os.getpid()}" if replacing else final
+        if replacing:
+            stack.callback(shutil.rmtree, build, ignore_errors=True)
+        token = None
+        if opts.registers:  # recorded before the first byte: a kill leaves a known, cleanable output
+            token = registry.get(create=True).begin_output(final, opts.target)
+            stack.callback(_end_unless_registered, registry, token)
         if opts.target == "safetensors":
             from exporters.safetensors_out import merge_folder
 
@@ -143,14 +161,51 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             _swap_into_place(build, final)
             summary["output"] = str(final)
             summary["replaced"] = True
+        if token is not None:
+            registry.get().output_placed(token, final)
+            fault_point("output_placed")
+        _keep_sources_restrictive(final, opts.base_dir, resolved)
         summary["adapters"] = [r.describe(w) for r, w in zip(resolved, weights)]
         effective_dtype = summary.get("dtype", opts.dtype) if opts.target == "onnx" else opts.dtype
-        if opts.register and (opts.target == "safetensors" or opts.validate):
+        if opts.registers:
             summary["artifact"] = register_output(
                 registry.get(), opts.target, final, opts.base_dir, resolved, weights,
-                effective_dtype, opts.accumulate, summary)
+                effective_dtype, opts.accumulate, summary, output=token)
+            registry.registered = True
+        if reclaimed:
+            summary["reclaimed"] = reclaimed
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _reclaim(registry: _RegistryHandle, final: Path) -> list[str]:
+    """Remove what a killed merge to the same output left (registry.outputs.reclaim); [] if the
+    store does not exist yet (nothing can have been recorded there)."""
+    from registry.errors import StoreMissing
+
+    try:
+        reg = registry.get()
+    except StoreMissing:
+        return []
+    return reg.reclaim_output(final)
+
+
+def _end_unless_registered(registry: _RegistryHandle, token: int) -> None:
+    """On failure (exception, not a kill) the pending output is forgotten: its writer cleaned up."""
+    if not registry.registered:
+        registry.get().end_output(token)
+
+
+def _keep_sources_restrictive(out: Path, base_dir: Path, resolved: list) -> None:
+    """Give the output's files the permission bits all their sources share (registry.modes): a
+    0600 base or adapter file makes the whole output 0600, its folder 0700."""
+    from registry.modes import apply_modes, mode_of_files
+
+    sources = [p for p in Path(base_dir).iterdir() if p.is_file() and not p.is_symlink()]
+    for r in resolved:
+        if r.adapter.path is not None:
+            sources += [p for p in Path(r.adapter.path).iterdir() if p.is_file() and not p.is_symlink()]
+    apply_modes(out, mode_of_files(sources))
 
 
 def _swap_into_place(new: Path, final: Path) -> None:
@@ -193,12 +248,14 @@ class _RegistryHandle:
 
     def __init__(self, home: Path | None, db_url: str | None):
         self._home, self._db_url, self._reg = home, db_url, None
+        self.registered = False
 
-    def get(self):
+    def get(self, create: bool = False):
+        """The store; `create` makes it when missing (only for registering: reading creates nothing)."""
         if self._reg is None:
             from registry.api import Registry
 
-            self._reg = Registry.open(self._home, self._db_url)
+            self._reg = Registry.open(self._home, self._db_url, create=create)
         return self._reg
 
     def close(self) -> None:

@@ -26,11 +26,12 @@ from registry import (
     jobs,
     lineage,
     maintenance,
+    outputs,
     queries,
     refs,
 )
 from registry.blobs import BlobStore, Progress
-from registry.config import resolve_home, resolve_url
+from registry.config import resolve_home, resolve_url, sqlite_file
 from registry.db import Database, ensure_schema, is_sqlite
 from registry.digests import manifest_digest
 from registry.errors import IntegrityError, RegistryError
@@ -54,15 +55,18 @@ class Registry:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, home: str | Path | None = None, db_url: str | None = None) -> Registry:
-        """Open (creating if needed) a store.
+    def open(cls, home: str | Path | None = None, db_url: str | None = None, *, create: bool = True) -> Registry:
+        """Open a store; with `create` (the default) make it if needed (home 0700, database 0600).
 
         home: arg, else ADAPTERS_HOME, else the user data dir. db_url: arg, else
         ADAPTERS_DB_URL, else `<home>/registry.db` (SQLite). The SQLite schema upgrades itself;
         an empty PostgreSQL database is initialised; an older one needs `adapters db upgrade`.
+        Without `create`, a missing home or SQLite file raises `StoreMissing` (nothing created).
         """
-        home = resolve_home(home)
+        home = resolve_home(home, create=create)
         url = resolve_url(home, db_url)
+        if is_sqlite(url) and url == resolve_url(home):
+            sqlite_file(home, create)
         reg = cls(home, url)
         ensure_schema(reg.engine, auto=is_sqlite(url), lock_path=home / ".schema.lock")
         return reg
@@ -133,13 +137,15 @@ class Registry:
     # ------------------------------------------------------------------ artifacts and lineage
     def register_artifact(self, *, kind: str, path: Path, files: dict[str, str] | None = None,
                           recipe: dict, inputs: list[tuple[str, float]],
-                          report: dict | None = None) -> ArtifactInfo:
+                          report: dict | None = None, output: int | None = None) -> ArtifactInfo:
         """Record a merged output in place (not copied), with lineage edges from its inputs.
 
         `files` ({relative path: `sha256:` digest}, e.g. computed while writing) is taken as
         given (checked for form and presence, not re-read); without it each file is hashed.
+        `output`: the token of `begin_output`, completed in the same transaction.
         """
         return artifacts.register(self.db, kind=kind, path=path, files=files, recipe=recipe, inputs=inputs,
+                                  output=output,
                                   report=report)
 
     def artifact(self, ref: str) -> ArtifactInfo:
@@ -171,6 +177,23 @@ class Registry:
         return queries.complete_refs(self.db, prefix, limit)
 
     # ------------------------------------------------------------------ verify / gc
+    # ------------------------------------------------------------------ outputs being written
+    def begin_output(self, path: str | Path, kind: str) -> int:
+        """Record an output this process starts writing (before its first byte); returns a token."""
+        return outputs.begin(self.db, path, kind)
+
+    def output_placed(self, token: int, path: str | Path) -> None:
+        """The output of `token` was just renamed into place (a re-run may replace it if killed now)."""
+        outputs.placed(self.db, token, path)
+
+    def end_output(self, token: int) -> None:
+        """Forget a pending output whose writer failed and cleaned up."""
+        outputs.end(self.db, token)
+
+    def reclaim_output(self, path: str | Path) -> list[str]:
+        """Remove what killed merges left at `path` (their partial folder, their unregistered output)."""
+        return outputs.reclaim(self.db, path)
+
     def verify(self, progress: Progress | None = None) -> VerifyReport:
         """Re-hash every blob and artifact file, walk the audit chain. `report.ok` is False on damage."""
         return maintenance.verify(self.db, self.blobs, progress)

@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry import audit, refs
+from registry import audit, outputs, records, refs
 from registry.config import actor
 from registry.copying import hash_file
 from registry.db import Database
 from registry.digests import artifact_digest, canonical, is_digest
-from registry.errors import RegistryError
+from registry.errors import IntegrityError, RegistryError
 from registry.info import ArtifactInfo, utc
 from registry.models import Artifact, ArtifactInput, Name, Version
 from registry.names import artifact_ref, parse_ref, version_ref
+from registry.paths import check_relative_path, join_inside
 
 KINDS = ("safetensors", "onnx", "onnx_slots", "onnx_adapter")
 
 
 def register(db: Database, *, kind: str, path: str | Path, files: dict[str, str] | None,
-             recipe: dict, inputs: list[tuple[str, float]], report: dict | None) -> ArtifactInfo:
+             recipe: dict, inputs: list[tuple[str, float]], report: dict | None,
+             output: int | None = None) -> ArtifactInfo:
     """Record an output in place, with edges from each input version (weights of a repeated
     input add up) and an audit event. `files`: {path relative to `path`: `sha256:` digest}."""
     if kind not in KINDS:
@@ -52,9 +54,13 @@ def register(db: Database, *, kind: str, path: str | Path, files: dict[str, str]
         s.flush()
         for vid, w in weights.items():
             s.add(ArtifactInput(artifact_id=a.id, version_id=vid, weight=w))
+        if output is not None:
+            outputs.complete(s, output)  # no longer pending: registered in the same transaction
+        s.flush()
         audit.append(s, "register", artifact_ref(a.id),
                      {"kind": kind, "path": str(path), "digest": digest,
-                      "inputs": [[labels[v], w] for v, w in weights.items()]})
+                      "inputs": [[labels[v], w] for v, w in weights.items()],
+                      "row": records.content_digest(records.artifact_content(s, a, labels))})
         s.flush()
         return describe(s, a)
 
@@ -62,7 +68,8 @@ def register(db: Database, *, kind: str, path: str | Path, files: dict[str, str]
 def hash_files(path: Path) -> dict[str, str]:
     """{relative posix path: digest} of a folder's files (or of one file), sorted."""
     if path.is_dir():
-        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        files = {check_relative_path(p.relative_to(path).as_posix(), f"{path}: file"): p
+                 for p in path.rglob("*") if p.is_file()}
         return {rel: hash_file(files[rel])[0] for rel in sorted(files)}
     if path.is_file():
         return {path.name: hash_file(path)[0]}
@@ -77,9 +84,10 @@ def check_files(path: Path, files: dict[str, str]) -> dict[str, str]:
     if not files:
         raise RegistryError(f"{path}: an artifact needs at least one file")
     for rel, digest in files.items():
-        pure = PurePosixPath(rel)
-        if not rel or pure.is_absolute() or ".." in pure.parts:
-            raise RegistryError(f"artifact file {rel!r}: expected a path relative to {path}")
+        try:
+            check_relative_path(rel, "artifact file")
+        except RegistryError as exc:
+            raise RegistryError(f"{exc}: expected a path relative to {path}") from None
         if not is_digest(digest):
             raise RegistryError(f"artifact file {rel}: malformed digest {digest!r}")
         if not file_of(path, rel).is_file():
@@ -91,8 +99,14 @@ def damage(ref: str, root: Path, files: dict[str, str]) -> list[tuple[bool, str]
     """(altered?, one line) for each recorded file that is missing or whose bytes differ (re-hashed)."""
     out = []
     for rel, digest in files.items():
-        p = file_of(root, rel)
-        if not p.is_file():
+        try:  # the stored name is data (the row may be forged): a plain relative path, no symlink
+            p = root if root.is_file() else join_inside(root, rel, f"{ref}: stored file", IntegrityError, nested=True)
+        except IntegrityError as exc:
+            out.append((True, str(exc)))
+            continue
+        if p.is_symlink():
+            out.append((True, f"{ref}: {p} is a symbolic link (replaced after it was written)"))
+        elif not p.is_file():
             out.append((False, f"{ref}: {p} is missing"))
         elif hash_file(p)[0] != digest:
             out.append((True, f"{ref}: {p} is altered (digest differs from the record)"))

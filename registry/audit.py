@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry import signing
 from registry.config import actor
 from registry.db import Database, lock_state
 from registry.digests import canonical
@@ -52,6 +53,7 @@ def append(session: Session, action: str, subject: str, details: dict[str, Any],
     session.add(ev)
     state.audit_seq = seq
     state.audit_head = ev.hash
+    signing.sign(state)
     return ev
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.copying import Progress, copy_hashing, fsync_dir, hash_file
-from registry.digests import hex_of, sha256_name
+from registry.digests import hex_of, is_digest, sha256_name
 from registry.errors import IntegrityError, RegistryError
 
 try:
@@ -38,6 +38,11 @@ class Staged:
     size: int
     tmp: Path | None = None
     fd: int | None = None
+
+
+def missing(digest: str) -> str:
+    """The problem line of a blob that is not there (verify re-checks those under the writer lock)."""
+    return f"blob {digest} is missing"
 
 
 class BlobStore:
@@ -149,11 +154,15 @@ class BlobStore:
         return size
 
     def check(self, digest: str, progress: Progress | None = None) -> str | None:
-        """None if blob `digest` is present and intact, else a one-line problem."""
+        """None if blob `digest` is present and intact, else a one-line problem (`missing(...)` for
+        a blob that is not there)."""
+        if not is_digest(digest):
+            return f"blob {digest!r}: malformed digest (expected sha256: and 64 hex digits)"
         p = self.path(digest)
-        if not p.is_file():
-            return f"blob {digest} is missing"
-        got, _ = hash_file(p, progress)
+        try:
+            got, _ = hash_file(p, progress)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return missing(digest)
         if got != digest:
             return f"blob {digest} is altered (its bytes hash to {got})"
         return None

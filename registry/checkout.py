@@ -12,12 +12,14 @@ import secrets
 import shutil
 from pathlib import Path
 
-from registry import audit, refs
+from registry import audit, modes, refs
 from registry.blobs import BlobStore
 from registry.copying import Progress, fsync_dir, hash_file
 from registry.db import Database
-from registry.errors import RegistryError
+from registry.digests import hex_of, is_digest, manifest_digest
+from registry.errors import IntegrityError, RegistryError
 from registry.info import VersionInfo
+from registry.paths import check_file_name, join_inside
 
 CACHE = "cache"
 TMP_MARK = ".tmp-"  # `.<folder>.tmp-<pid>-<random>`: gc removes those whose process is gone
@@ -26,7 +28,7 @@ TMP_MARK = ".tmp-"  # `.<folder>.tmp-<pid>-<random>`: gc removes those whose pro
 def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None,
          progress: Progress | None = None) -> Path:
     """Write the version's PEFT folder to `out` (default ./<name>-<N>), verifying every digest."""
-    info = refs.resolve(db, ref)
+    info = checked(refs.resolve(db, ref))
     dest = Path(out) if out is not None else Path.cwd() / f"{info.name.replace('/', '_')}-{info.number}"
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise RegistryError(f"{dest}: already exists and is not an empty folder")
@@ -37,12 +39,15 @@ def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None
 
 
 def materialize(db: Database, blobs: BlobStore, home: Path, ref: str) -> Path:
-    """A verified PEFT folder for `ref`, cached under the home and re-verified on each call."""
-    info = refs.resolve(db, ref)
-    cache = home / CACHE / info.digest[7:]
+    """A verified PEFT folder for `ref`, cached under the home and re-verified on each call.
+
+    The cache folder is named by the version's digest, checked first (`sha256:` + 64 hex) and
+    recomputed from the file list, so no stored string ever names the folder that is removed.
+    """
+    info = checked(refs.resolve(db, ref))
+    cache = home / CACHE / hex_of(info.digest)
     if cache.is_dir():
-        if all((cache / f["path"]).is_file() and hash_file(cache / f["path"])[0] == f["digest"]
-               for f in info.files or []):
+        if all(_cached_ok(cache, f) for f in info.files or []):
             return cache
         shutil.rmtree(cache, ignore_errors=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -54,13 +59,50 @@ def materialize(db: Database, blobs: BlobStore, home: Path, ref: str) -> Path:
     return cache
 
 
+def checked(info: VersionInfo) -> VersionInfo:
+    """`info` if its stored file list is safe to write out and adds up to its digest.
+
+    Each path must be a plain file name and each digest well formed (`registry.paths`,
+    `registry.digests`): the rows may have been written by someone else. IntegrityError
+    otherwise, before anything is written.
+    """
+    files = {}
+    for f in info.files or []:
+        check_file_name(f["path"], f"{info.ref}: stored file name", IntegrityError)
+        if not is_digest(f["digest"]):
+            raise IntegrityError(f"{info.ref}: stored file {f['path']} has a malformed digest {f['digest']!r}")
+        files[f["path"]] = f["digest"]
+    if not is_digest(info.digest):
+        raise IntegrityError(f"{info.ref}: malformed digest {info.digest!r} (expected sha256: and 64 hex digits)")
+    if manifest_digest(files) != info.digest:
+        raise IntegrityError(f"{info.ref}: its stored files do not add up to its digest {info.digest[:19]}... "
+                             "(the store was altered; run `adapters verify`)")
+    return info
+
+
+def _cached_ok(cache: Path, f: dict) -> bool:
+    p = join_inside(cache, f["path"], "cached file", IntegrityError)
+    return p.is_file() and not p.is_symlink() and hash_file(p)[0] == f["digest"]
+
+
 def write_folder(blobs: BlobStore, info: VersionInfo, dest: Path, progress: Progress | None = None) -> None:
-    """Copy a version's verified blobs into a temp folder beside `dest`, then rename it there."""
+    """Copy a version's verified blobs into a temp folder beside `dest`, then rename it there.
+
+    Each file gets the permission bits recorded at push (0600 for rows without one), within
+    the umask; the folder is private when any file is (`registry.modes`).
+    """
+    info = checked(info)
     tmp = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     try:
+        file_modes = []
         for f in info.files or []:
-            blobs.copy_verified(f["digest"], tmp / f["path"], progress)
+            target = join_inside(tmp, f["path"], f"{info.ref}: stored file name", IntegrityError)
+            blobs.copy_verified(f["digest"], target, progress)
+            mode = modes.common_mode([f.get("mode") if f.get("mode") is not None else modes.LEGACY_FILE_MODE])
+            os.chmod(target, mode)
+            file_modes.append(mode)
+        os.chmod(tmp, modes.folder_mode(modes.common_mode(file_modes)))
         fsync_dir(tmp)
         if dest.exists():
             dest.rmdir()

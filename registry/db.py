@@ -24,7 +24,7 @@ from registry.errors import RegistryError
 from registry.models import State
 
 # The newest migration in migrations/versions (a test checks this against alembic's head).
-SCHEMA_HEAD = "0003_file_digests"
+SCHEMA_HEAD = "0004_security"
 BUSY_TIMEOUT_S = 300
 
 
@@ -124,7 +124,7 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -10,3 +10,7 @@ class RegistryError(ValueError):
 
 class IntegrityError(RegistryError):
     """Stored bytes no longer match their recorded digest (the store was altered)."""
+
+
+class StoreMissing(RegistryError):
+    """A command that only reads found no registry where it was pointed (nothing is created)."""

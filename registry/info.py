@@ -114,7 +114,8 @@ class GcReport:
     blobs: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     bytes_freed: int = 0
+    unfinished: list[str] = field(default_factory=list)  # outputs of killed merges, left for the user
 
     def to_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "blobs_removed": self.blobs, "leftovers_removed": self.leftovers,
-                "bytes_freed": self.bytes_freed}
+                "bytes_freed": self.bytes_freed, "unfinished_outputs": self.unfinished}

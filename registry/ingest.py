@@ -13,6 +13,7 @@ Identical content under the same name answers the existing version (and stores n
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from registry import aliases, audit, refs
+from registry import aliases, audit, records, refs
 from registry.blobs import BlobStore, Progress, Staged
 from registry.config import actor
 from registry.db import Database
@@ -32,7 +33,13 @@ from registry.file_digests import file_digests
 from registry.folders import adapter_files, base_weight_files, inspect_adapter
 from registry.info import VersionInfo
 from registry.models import Blob, Name, Version, VersionFile, VersionMeta
-from registry.names import check_alias, check_name, parse_meta, version_ref
+from registry.names import check_alias, check_name, check_text, parse_meta, version_ref
+from registry.paths import check_file_name
+
+MAX_BASE_MODEL = 300  # the database columns' sizes
+MAX_BASE_REVISION = 200
+MAX_MESSAGE = 4000
+PUBLISH_TRIES = 3
 
 
 def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_model: str | None = None,
@@ -48,7 +55,13 @@ def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_
     tags = [check_alias(t) for t in tags]
     meta_d = parse_meta(meta)
     folder = Path(folder)
+    base_model = check_text(base_model, "--base-model", MAX_BASE_MODEL)
+    base_revision = check_text(base_revision, "--base-revision", MAX_BASE_REVISION)
+    message = check_text(message, "--message", MAX_MESSAGE, lines=True)
     files = adapter_files(folder)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+    for f in files:
+        check_file_name(f.name, f"{folder}: file name")
     parent_info = refs.resolve(db, parent) if parent else None
     base_files = file_digests(db, base_weight_files(base_dir)) if base_dir is not None else None
     if parent_info is not None and base_model is None:  # derived on the parent's base
@@ -66,47 +79,62 @@ def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_
         for st in staged:
             blobs.make_durable(st)
         fault_point("durable")
-        with db.writing() as s:
-            nm = s.scalar(select(Name).where(Name.name == name))
-            existing = None
-            if nm is not None:
-                existing = s.scalar(select(Version).where(Version.name_id == nm.id, Version.digest == digest))
-            if existing is not None:
-                for st in staged:
-                    blobs.discard(st)
-                audit.append(s, "push", refs.label(existing), {"digest": digest, "unchanged": True}, name=name)
-                for t in tags:
-                    aliases.move(s, nm, t, existing)
-                s.flush()
-                return refs.version_info(s, existing, full=False)
-            _publish(s, blobs, staged)
-            fault_point("published")
-            if nm is None:
-                nm = Name(name=name, latest=0, created=_now())
-                s.add(nm)
-                s.flush()
-            number = nm.latest + 1
-            nm.latest = number
-            v = Version(adapter=nm, number=number, digest=digest, kind=spec["kind"],
-                        r=spec.get("r"), mora_type=spec.get("mora_type"),
-                        spec=canonical(spec), base_model=base_model, base_revision=base_revision,
-                        base_files=canonical(base_files) if base_files is not None else None,
-                        parent_id=parent_info.id if parent_info else None, meta=canonical(meta_d),
-                        author=actor(), message=message, created=_now(), size=sum(st.size for st in staged))
-            s.add(v)
-            s.flush()
-            for st in staged:
-                s.add(VersionFile(version_id=v.id, path=st.source.name, blob=st.digest, size=st.size))
-            for k, val in meta_d.items():
-                s.add(VersionMeta(version_id=v.id, key=k, value=val))
-            audit.append(s, "push", version_ref(name, number),
-                         {"digest": digest, "files": digests, "kind": spec["kind"],
-                          "base_model": base_model, "parent": parent}, name=name)
-            for t in tags:
-                aliases.move(s, nm, t, v)
-            s.flush()
-            fault_point("before_commit")
-            info = refs.version_info(s, v, full=False)
+        tries = 0
+        while True:  # a blob this push only hashed may be removed by a concurrent gc: copy it then
+            try:
+                with db.writing() as s:
+                    nm = s.scalar(select(Name).where(Name.name == name))
+                    existing = None
+                    if nm is not None:
+                        existing = s.scalar(select(Version).where(Version.name_id == nm.id, Version.digest == digest))
+                    if existing is not None:
+                        for st in staged:
+                            blobs.discard(st)
+                        audit.append(s, "push", refs.label(existing), {"digest": digest, "unchanged": True}, name=name)
+                        for t in tags:
+                            aliases.move(s, nm, t, existing)
+                        s.flush()
+                        return refs.version_info(s, existing, full=False)
+                    _publish(s, blobs, staged)
+                    fault_point("published")
+                    if nm is None:
+                        nm = Name(name=name, latest=0, created=_now())
+                        s.add(nm)
+                        s.flush()
+                    number = nm.latest + 1
+                    nm.latest = number
+                    v = Version(adapter=nm, number=number, digest=digest, kind=spec["kind"],
+                                r=spec.get("r"), mora_type=spec.get("mora_type"),
+                                spec=canonical(spec), base_model=base_model, base_revision=base_revision,
+                                base_files=canonical(base_files) if base_files is not None else None,
+                                parent_id=parent_info.id if parent_info else None, meta=canonical(meta_d),
+                                author=actor(), message=message, created=_now(), size=sum(st.size for st in staged))
+                    s.add(v)
+                    s.flush()
+                    for st in staged:
+                        s.add(VersionFile(version_id=v.id, path=st.source.name, blob=st.digest, size=st.size,
+                                          mode=modes[st.source.name]))
+                    for k, val in meta_d.items():
+                        s.add(VersionMeta(version_id=v.id, key=k, value=val))
+                    s.flush()
+                    row = records.content_digest(records.version_content(s, v))  # what verify recomputes
+                    audit.append(s, "push", version_ref(name, number),
+                                 {"digest": digest, "files": digests, "kind": spec["kind"],
+                                  "base_model": base_model, "parent": parent, "row": row,
+                                  "modes": {st.source.name: modes[st.source.name] for st in staged}}, name=name)
+                    for t in tags:
+                        aliases.move(s, nm, t, v)
+                    s.flush()
+                    fault_point("before_commit")
+                    info = refs.version_info(s, v, full=False)
+                break
+            except _BlobVanished as gone:
+                tries += 1
+                if tries >= PUBLISH_TRIES:
+                    raise RegistryError(f"{gone.staged.source}: its blob keeps vanishing (a gc running in a "
+                                        "loop?); push again") from None
+                staged[staged.index(gone.staged)] = fresh = blobs.stage(gone.staged.source, progress)
+                blobs.make_durable(fresh)
         fault_point("committed")
         return info
     finally:
@@ -145,11 +173,19 @@ def _stage(db: Database, blobs: BlobStore, path: Path, progress: Progress | None
     return blobs.stage(path, progress)
 
 
+class _BlobVanished(Exception):
+    """A blob a push only hashed (the store had it) was removed before the push could record it."""
+
+    def __init__(self, staged: Staged):
+        super().__init__(str(staged.source))
+        self.staged = staged
+
+
 def _publish(s, blobs: BlobStore, staged: list[Staged]) -> None:
     """Rename staged blobs to their digests and record them (inside the write transaction)."""
     for st in staged:
         if st.tmp is None and not blobs.exists(st.digest):
-            raise RegistryError(f"{st.source}: its blob vanished during the push (gc?); push again")
+            raise _BlobVanished(st)
         blobs.publish(st)
         if s.get(Blob, st.digest) is None:
             s.add(Blob(digest=st.digest, size=st.size, created=_now()))

@@ -19,13 +19,15 @@ from typing import Any
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select
 
-from registry import audit, file_digests, refs
+from registry import audit, file_digests, outputs, records, refs, signing
 from registry.artifacts import damage
 from registry.blobs import BlobStore
+from registry.blobs import missing as blob_missing
 from registry.checkout import CACHE, TMP_MARK
 from registry.copying import Progress
 from registry.db import Database
 from registry.errors import RegistryError
+from registry.faults import pause_point
 from registry.info import GcReport, VerifyReport
 from registry.models import (
     Alias,
@@ -34,6 +36,7 @@ from registry.models import (
     AuditEvent,
     Blob,
     Name,
+    State,
     Version,
     VersionFile,
     VersionMeta,
@@ -62,21 +65,30 @@ def delete(db: Database, ref: str) -> str:
 
 
 def verify(db: Database, blobs: BlobStore, progress: Progress | None = None) -> VerifyReport:
-    """Re-hash every blob and artifact file, walk the audit chain. `report.ok` is False on damage."""
+    """Re-hash every blob and artifact file, recompute the rows against the audit events
+    (`registry.records`), walk the audit chain and check its signature (`registry.signing`).
+    `report.ok` is False on damage.
+
+    Everything is read in one snapshot (PostgreSQL: REPEATABLE READ). A blob found missing is
+    judged again under the writer lock with fresh rows: a `gc` that ran meanwhile may have
+    removed it legitimately (its version deleted after the snapshot), which is not damage.
+    """
     rep = VerifyReport()
+    missing: list[str] = []
     with db.read() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         recorded = s.execute(select(Blob.digest, Blob.size).order_by(Blob.digest)).all()
         referenced = set(s.scalars(select(VersionFile.blob).distinct()))
+        pause_point("verify_listed")
         for digest, size in recorded:
             problem = blobs.check(digest, progress)
             rep.blobs += 1
             rep.bytes += size
-            if problem and digest in referenced:
-                users = [version_ref(n, num) for n, num in s.execute(
-                    select(Name.name, Version.number).join(Version, Version.name_id == Name.id)
-                    .join(VersionFile, VersionFile.version_id == Version.id)
-                    .where(VersionFile.blob == digest).limit(USERS_SHOWN))]
-                rep.problems.append(f"{problem} (used by {', '.join(users)})")
+            if problem == blob_missing(digest) and digest in referenced:
+                missing.append(digest)
+            elif problem and digest in referenced:
+                rep.problems.append(f"{problem} (used by {', '.join(_users(s, digest))})")
             elif problem:
                 rep.warnings.append(f"{problem} (unreferenced; gc forgets it)")
         for digest in sorted(referenced - {d for d, _ in recorded}):
@@ -88,11 +100,45 @@ def verify(db: Database, blobs: BlobStore, progress: Progress | None = None) -> 
             if not root.exists():
                 rep.warnings.append(f"{ref}: {a.path} is missing (moved or deleted)")
                 continue
-            for altered, line in damage(ref, root, json.loads(a.files)):
+            try:
+                files = json.loads(a.files)
+            except ValueError:
+                files = None
+            if not isinstance(files, dict):
+                rep.problems.append(f"{ref}: its file list is not a JSON object (rewritten)")
+                continue
+            for altered, line in damage(ref, root, files):
                 (rep.problems if altered else rep.warnings).append(line)
         rep.events = s.scalar(select(func.count()).select_from(AuditEvent)) or 0
         rep.problems.extend(audit.verify_chain(s))
+        problems, warnings = records.check_rows(s)
+        rep.problems.extend(problems)
+        rep.warnings.extend(warnings)
+        state = s.get(State, 1)
+        if state is not None:
+            problems, warnings = signing.check(state)
+            rep.problems.extend(problems)
+            rep.warnings.extend(warnings)
+    if missing:
+        _recheck_missing(db, blobs, missing, rep)
     return rep
+
+
+def _users(s, digest: str) -> list[str]:
+    return [version_ref(n, num) for n, num in s.execute(
+        select(Name.name, Version.number).join(Version, Version.name_id == Name.id)
+        .join(VersionFile, VersionFile.version_id == Version.id)
+        .where(VersionFile.blob == digest).limit(USERS_SHOWN))]
+
+
+def _recheck_missing(db: Database, blobs: BlobStore, digests: list[str], rep: VerifyReport) -> None:
+    """Blobs missing in the snapshot: damage only if, with no gc running (writer lock) and fresh
+    rows, a version still uses them and they are still not there."""
+    with db.writing() as s:
+        for digest in digests:
+            users = _users(s, digest)
+            if users and blobs.check(digest) is not None:
+                rep.problems.append(f"{blob_missing(digest)} (used by {', '.join(users)})")
 
 
 def gc(db: Database, blobs: BlobStore, home: Path, dry_run: bool = False) -> GcReport:
@@ -116,6 +162,9 @@ def gc(db: Database, blobs: BlobStore, home: Path, dry_run: bool = False) -> GcR
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
         rep.bytes_freed += _cache_leftovers(home / CACHE, rep, dry_run)
+        partials, freed, rep.unfinished = outputs.gc_leftovers(s, dry_run)
+        rep.leftovers.extend(partials)
+        rep.bytes_freed += freed
         if not dry_run:
             file_digests.prune(s)
             audit.append(s, "gc", "store", {"blobs_removed": len(rep.blobs),

@@ -40,6 +40,7 @@ class State(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     audit_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
     audit_head: Mapped[str] = mapped_column(String(64), nullable=False)
+    audit_mac: Mapped[str | None] = mapped_column(String(64))  # HMAC of the head (registry.signing)
 
 
 class Name(Base):
@@ -105,6 +106,7 @@ class VersionFile(Base):
     path: Mapped[str] = mapped_column(String(300), primary_key=True)
     blob: Mapped[str] = mapped_column(DIGEST, ForeignKey("blobs.digest"), nullable=False)
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    mode: Mapped[int | None] = mapped_column(Integer)  # permission bits of the pushed file (None: older rows)
     __table_args__ = (Index("ix_version_files_blob", "blob"),)
 
 
@@ -214,3 +216,20 @@ class BatchJob(Base):
     error: Mapped[str | None] = mapped_column(Text)
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     __table_args__ = (Index("ix_batch_jobs_output", "output"),)
+
+
+class Output(Base):
+    """A merge output being written: recorded before its first byte, deleted when its artifact is
+    registered. A row whose process is gone marks what a killed merge left (see registry.outputs)."""
+
+    __tablename__ = "outputs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    partial: Mapped[str] = mapped_column(Text, nullable=False)
+    device: Mapped[int | None] = mapped_column(BigInteger)  # the output folder's identity once renamed
+    inode: Mapped[int | None] = mapped_column(BigInteger)
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    __table_args__ = (Index("ix_outputs_path", "path"),)

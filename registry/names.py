@@ -97,6 +97,25 @@ def check_count(value: int | None, what: str) -> int | None:
     return value
 
 
+def check_text(value: str | None, what: str, max_chars: int, *, lines: bool = False) -> str | None:
+    """Free text a user gives (`--base-model`, `-m`): None, or at most `max_chars` printable
+    characters (`lines`: newlines and tabs allowed too), else RegistryError naming `what`.
+
+    The limits are the database columns' (PostgreSQL refuses longer text with an error).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RegistryError(f"{what}: expected text")
+    if len(value) > max_chars:
+        raise RegistryError(f"{what} {value[:40]!r}...: {len(value)} characters, at most {max_chars}")
+    allowed = "\n\t" if lines else ""
+    bad = next((c for c in value if not c.isprintable() and c not in allowed), None)
+    if bad is not None:
+        raise RegistryError(f"{what} {value[:40]!r}: control character {bad!r} not allowed")
+    return value
+
+
 @dataclass(frozen=True)
 class Ref:
     """A parsed reference. Exactly one of number/alias/digest_prefix is set, or none (latest)."""
@@ -170,7 +189,7 @@ def parse_meta(meta: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
             raise RegistryError(f"metadata key {k!r}: use letters, digits and -_. (at most 100)")
         if len(v) > 500:
             raise RegistryError(f"metadata {k}: value longer than 500 characters")
-        out[k] = v
+        out[k] = check_text(v, f"metadata {k}", 500)
     if len(out) > MAX_META:
         raise RegistryError(f"at most {MAX_META} metadata entries")
     return out

@@ -108,7 +108,7 @@ def events(db: Database, ref: str | None = None, limit: int | None = None) -> li
                 stmt = stmt.where(AuditEvent.name == r.name,
                                   or_(AuditEvent.subject == label,
                                       AuditEvent.details.like(f"%{quoted}%", escape="\\")))
-        if limit:
+        if check_count(limit, "--limit"):
             stmt = stmt.order_by(AuditEvent.seq.desc()).limit(limit)
             return [event_dict(e) for e in reversed(s.scalars(stmt).all())]
         return [event_dict(e) for e in s.scalars(stmt.order_by(AuditEvent.seq))]

@@ -91,7 +91,7 @@ def version_info(s: Session, v: Version, full: bool) -> VersionInfo:
     info.base_files = json.loads(v.base_files) if v.base_files else None
     if full:
         info.spec = json.loads(v.spec)
-        info.files = [{"path": f.path, "digest": f.blob, "size": f.size} for f in v.files]
+        info.files = [{"path": f.path, "digest": f.blob, "size": f.size, "mode": f.mode} for f in v.files]
     return info
 
 

@@ -39,6 +39,18 @@ CASES: dict[str, tuple[list[str], str]] = {
     "push tag ending in newline": (["push", "{adapter}", "--name", "t/x", "--tag", "a\n"], "alias"),
     "alias unicode": (["tag", "t/lora:1", "prod²"], "alias"),
     "name unicode": (["list", "t/lóra"], "adapter name"),
+    "show on a missing home": (["show", "t/lora", "--home", "{tmp}/nohome"], "no registry there"),
+    "verify on a missing home": (["verify", "--home", "{tmp}/nohome"], "does not exist"),
+    "tag on a missing home": (["tag", "t/lora:1", "x", "--home", "{tmp}/nohome"], "push` creates one"),
+    "base model too long": (["push", "{adapter}", "--name", "t/x", "--base-model", "b" * 10_000], "at most 300"),
+    "base model with a newline": (["push", "{adapter}", "--name", "t/x", "--base-model", "org/m\nx"],
+                                  "control character"),
+    "base revision too long": (["push", "{adapter}", "--name", "t/x", "--base-revision", "r" * 201], "at most 200"),
+    "message too long": (["push", "{adapter}", "--name", "t/x", "-m", "m" * 4001], "at most 4000"),
+    "meta value with a control character": (["push", "{adapter}", "--name", "t/x", "--meta", "k=a\x1bb"],
+                                            "control character"),
+    "where unicode digit": (["list", "--where", "r=²"], "not a number"),
+    "where huge number": (["list", "--where", f"mora_type={BIG}"], "too large"),
 }
 
 
@@ -93,6 +105,16 @@ def test_show_prints_fields_whole(run_cli, make_adapter, reg):
     assert "..." not in out
     meta_line = next(ln for ln in out.splitlines() if ln.startswith("meta:"))
     assert json.loads(meta_line.split(None, 1)[1]) == {f"k{i}": long_value[:400] for i in range(3)}
+
+
+def test_reading_a_missing_home_creates_nothing(run_cli, tmp_path):
+    home = tmp_path / "typo-home"
+    r = run_cli("list", "--home", home)
+    assert r.code == 0 and r.out == "" and "does not exist" in r.err and not home.exists()
+    assert run_cli("list", "--home", home, "--json").json() == [] and not home.exists()
+    for argv in (["show", "t/a"], ["audit"], ["gc"], ["lineage", "t/a"], ["pull", "t/a", "-o", tmp_path / "o"]):
+        r = run_cli(*argv, "--home", home)
+        assert r.code == 2 and "no registry there" in r.err and not home.exists(), argv
 
 
 def test_list_says_when_nothing_is_there(run_cli, make_adapter, reg):

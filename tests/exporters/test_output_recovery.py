@@ -74,3 +74,79 @@ def test_a_mistyped_adapter_folder_is_reported_as_a_folder(tmp_path):
                          home=tmp_path / "home", cwd=tmp_path)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, p.stderr
         assert "adapter name" not in p.stderr and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- killed merges and the store
+
+def _merge(tmp_path, env=None, **kw):
+    from tests.cli_runner import process_env
+
+    return subprocess.run([sys.executable, "-m", "adapters_cli", "merge", str(tmp_path / "m"), "--base",
+                           str(tmp_path / "base"), "--to", "safetensors", "-o", str(tmp_path / "out"), "--json"],
+                          capture_output=True, text=True, timeout=300,
+                          env=process_env(dict(env or {}), home=tmp_path / "home"), **kw)
+
+
+def _gc(tmp_path):
+    import json
+
+    p = run_adapters(["gc", "--json"], home=tmp_path / "home")
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_a_merge_killed_before_registering_is_replaced_by_the_rerun(tmp_path):
+    """Point 12: output renamed into place, process killed before the artifact is registered."""
+    import json
+
+    write_tensor_base(tmp_path / "base", llama_like())
+    write_mora_adapter(tmp_path / "m", mora_shapes())
+    p = _merge(tmp_path, {"ADAPTERS_CRASH_AT": "output_placed"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    g = _gc(tmp_path)
+    assert g["unfinished_outputs"] == [str(tmp_path / "out")] and (tmp_path / "out").is_dir()
+    p = _merge(tmp_path)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["reclaimed"] == [str(tmp_path / "out")] and s["artifact"]["ref"] == "artifact:1"
+    v = run_adapters(["verify"], home=tmp_path / "home")
+    assert v.returncode == 0 and "1 artifacts" in v.stdout, v.stdout
+    assert _gc(tmp_path)["unfinished_outputs"] == []
+
+
+def test_gc_removes_the_partial_folder_of_a_merge_killed_while_writing(tmp_path):
+    """Point 11: the store knows where the killed merge was writing; gc frees it."""
+    write_tensor_base(tmp_path / "base", llama_like())
+    write_mora_adapter(tmp_path / "m", mora_shapes())
+    p = _merge(tmp_path, {"ADAPTERS_CRASH_AT": "output_written"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    partial = tmp_path / f".out.partial-{_pid_of_partial(tmp_path)}"
+    assert partial.is_dir() and not (tmp_path / "out").exists()
+    size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    g = _gc(tmp_path)
+    assert g["leftovers_removed"] == [str(partial)] and g["bytes_freed"] >= size > 0
+    assert not partial.exists() and g["unfinished_outputs"] == []
+    assert _merge(tmp_path).returncode == 0
+
+
+def _pid_of_partial(tmp_path) -> int:
+    (p,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    return int(p.name.rsplit("-", 1)[1])
+
+
+def test_merged_files_keep_the_sources_restrictiveness(tmp_path):
+    """Point 5: one 0600 source (here the base weights) makes the merged output private."""
+    import os
+    import stat
+
+    write_tensor_base(tmp_path / "base", llama_like())
+    write_mora_adapter(tmp_path / "m", mora_shapes())
+    for f in (tmp_path / "base").iterdir():
+        os.chmod(f, 0o600)
+    p = run_adapters(["merge", tmp_path / "m", "--base", tmp_path / "base", "--to", "safetensors", "-o",
+                      tmp_path / "out", "--no-register"], home=tmp_path / "home")
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o600}
