@@ -211,16 +211,33 @@ def untag(name: str, alias: str, home: str | None, db_url: str | None, as_json: 
 
 @click.command("rm")
 @click.argument("ref", shell_complete=complete_ref)
+@click.option("--delete-files", is_flag=True, help="With artifact:N, also delete the files it records.")
 @store_options
 @command
-def rm(ref: str, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Delete a version nothing derives from (audited; its bytes go at the next gc).
+def rm(ref: str, delete_files: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
+    """Delete a version nothing derives from, or forget an artifact (audited).
+
+    A version's bytes go at the next gc. An artifact's files stay where they are unless
+    --delete-files; once its artifacts are forgotten, a version can be deleted.
 
     \b
-    Example:
+    Examples:
       adapters rm team/llama-mora:3
+      adapters rm artifact:7 --delete-files
     """
-    label = _open(home, db_url).delete(ref)
+    from registry.names import parse_ref
+
+    reg = _open(home, db_url)
+    if parse_ref(ref).is_artifact:
+        out = reg.forget_artifact(ref, delete_files)
+        extra = f", {out['files_deleted']} files deleted" if delete_files else f" (files kept at {out['path']})"
+        emit_json(out) if as_json else click.echo(f"forgot {out['forgotten']}{extra}")
+        return
+    if delete_files:
+        from registry.errors import RegistryError
+
+        raise RegistryError("--delete-files goes with an artifact reference (artifact:N)")
+    label = reg.delete(ref)
     emit_json({"deleted": label}) if as_json else click.echo(f"deleted {label}")
 
 

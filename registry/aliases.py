@@ -9,7 +9,6 @@ from sqlalchemy.orm import Session
 
 from registry import audit, refs
 from registry.db import Database
-from registry.errors import RegistryError
 from registry.info import VersionInfo
 from registry.models import Alias, Name, Version
 from registry.names import alias_ref, check_alias, check_name, version_ref
@@ -48,7 +47,7 @@ def untag(db: Database, name: str, alias: str) -> str:
         nm = refs.name_row(s, name)
         a = s.get(Alias, (nm.id, alias))
         if a is None:
-            raise RegistryError(f"unknown alias {alias_ref(name, alias)}")
+            raise refs.unknown_alias(s, nm, alias, alias_ref(name, alias))
         was = refs.label(a.version)
         s.delete(a)
         audit.append(s, "untag", alias_ref(name, alias), {"alias": alias, "from": was}, name=name)

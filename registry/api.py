@@ -116,6 +116,10 @@ class Registry:
         """Delete a version no other version or artifact derives from (audited; blobs go at gc)."""
         return maintenance.delete(self.db, ref)
 
+    def forget_artifact(self, ref: str, delete_files: bool = False) -> dict[str, Any]:
+        """Forget an artifact (audited), optionally deleting the files it records."""
+        return artifacts.forget(self.db, ref, delete_files)
+
     # ------------------------------------------------------------------ reading bytes
     def pull(self, ref: str, out: str | Path | None = None, progress: Progress | None = None) -> Path:
         """Write the version's PEFT folder to `out` (default ./<name>-<N>), verified, atomically; audited."""

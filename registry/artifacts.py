@@ -8,9 +8,11 @@ again here; without it, each file is hashed once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -155,3 +157,47 @@ def artifact(db: Database, ref: str) -> ArtifactInfo:
     """Everything recorded about an artifact."""
     with db.read() as s:
         return describe(s, artifact_row(s, ref))
+
+
+def forget(db: Database, ref: str, delete_files: bool = False) -> dict[str, Any]:
+    """Forget an artifact (audited): its record, its lineage edges, batch results pointing at it.
+
+    With `delete_files`, the files its record lists are removed afterwards (only those, each a
+    plain relative path inside the recorded folder; folders left empty go too). The versions it
+    was built from can then be deleted. Returns {"forgotten": ref, "path", "files_deleted"}.
+    """
+    from sqlalchemy import delete as sql_delete
+
+    from registry.models import BatchJob
+
+    with db.writing() as s:
+        a = artifact_row(s, ref)
+        label, root, files = artifact_ref(a.id), Path(a.path), json.loads(a.files)
+        s.execute(sql_delete(ArtifactInput).where(ArtifactInput.artifact_id == a.id))
+        s.execute(sql_delete(BatchJob).where(BatchJob.artifact_id == a.id))
+        audit.append(s, "forget", label, {"digest": a.digest, "path": a.path, "delete_files": delete_files})
+        s.delete(a)
+    deleted = _delete_recorded(root, files) if delete_files else 0
+    return {"forgotten": label, "path": str(root), "files_deleted": deleted}
+
+
+def _delete_recorded(root: Path, files: dict[str, str]) -> int:
+    """Remove the recorded files under `root` (never anything else); then the folders left empty."""
+    if root.is_file():
+        root.unlink()
+        return 1
+    n = 0
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            continue  # a record that does not name a plain relative file is not followed
+        p = root.joinpath(*parts)
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+            n += 1
+    for d in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+    return n

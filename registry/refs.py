@@ -28,12 +28,28 @@ def label(v: Version) -> str:
     return version_ref(v.adapter.name, v.number)
 
 
+def did_you_mean(wanted: str, candidates: list[str]) -> str:
+    """` (did you mean X?)` for the closest candidate, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(wanted, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def name_row(s: Session, name: str) -> Name:
-    """The row of an adapter name; RegistryError if no version was ever pushed under it."""
+    """The row of an adapter name; RegistryError (with the closest known name) if none was pushed."""
     nm = s.scalar(select(Name).where(Name.name == name))
     if nm is None:
-        raise RegistryError(f"unknown adapter {name!r}")
+        known = list(s.scalars(select(Name.name).order_by(Name.name).limit(10_000)))
+        raise RegistryError(f"unknown adapter {name!r}{did_you_mean(name, known)}")
     return nm
+
+
+def unknown_alias(s: Session, nm: Name, alias: str, text: str) -> RegistryError:
+    """The error for a missing alias of `nm`, naming the closest existing one."""
+    known = list(s.scalars(select(Alias.alias).where(Alias.name_id == nm.id)))
+    close = did_you_mean(alias, known)
+    return RegistryError(f"unknown alias {text!r}" + (close.replace("mean ", f"mean {nm.name}@") if close else ""))
 
 
 def version_row(s: Session, ref: str | Ref) -> Version:
@@ -51,7 +67,7 @@ def version_row(s: Session, ref: str | Ref) -> Version:
     if r.alias is not None:
         a = s.get(Alias, (nm.id, r.alias))
         if a is None:
-            raise RegistryError(f"unknown alias {text!r}")
+            raise unknown_alias(s, nm, r.alias, text)
         return a.version
     if r.digest_prefix is not None:
         return one_by_digest(
