@@ -122,6 +122,8 @@ def check_rows(s: Session) -> tuple[list[str], list[str]]:
             aliases.pop((ev.name, d["alias"]), None)
         elif ev.action == "register":
             registered[ev.subject] = d.get("row")
+        elif ev.action == "forget":  # `adapters rm artifact:N`
+            registered.pop(ev.subject, None)
     names = dict(s.execute(select(Name.id, Name.name)).all())
     labels: dict[int, str] = {}
     legacy = 0
