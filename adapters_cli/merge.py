@@ -20,7 +20,7 @@ from adapters_cli.common import (
     store_options,
 )
 
-DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32"]
+DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +34,8 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32"]
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight per adapter, in order (default 1.0 each): W' = W + sum w_i dW_i.")
 @click.option("--dtype", default="auto", type=click.Choice(DTYPE_CHOICES),
-              help="Output dtype of floating tensors (auto keeps the base's; ONNX: float32 or float16).")
+              help="Output dtype of floating tensors (auto keeps the base's; ONNX: float32, float16, or int4 "
+                   "MatMulNBits weights, block 32).")
 @click.option("--accumulate", default="float32", type=click.Choice(["float32", "float64"]),
               help="Accumulation dtype of the merge (cast once at the end).")
 @click.option("--max-shard-size", "max_shard_bytes", default=None, type=SizeType(), metavar="SIZE",

@@ -1,9 +1,8 @@
 """A transformers model for a base folder, built from its config (no download), and its weights.
 
-The architecture comes from `config.json` through `from_config`; weights are read from
-the folder's safetensors files by mora_core and bound to the model's own parameter
-names with mora_core's `NameResolver` (checkpoints name the same tensor `h.0.attn...`
-or `transformer.h.0.attn...`, `bert.encoder...` or `encoder...`). Only architectures
+The architecture comes from `config.json` through `from_config`; `exporters.model_build`
+builds it with parameters on the meta device and binds the folder's safetensors tensors
+to the model's own names. Only architectures
 whose export and validation are tested are accepted; anything else is an
 `ExportError` naming the model type.
 """
@@ -11,14 +10,11 @@ whose export and validation are tested are accepted; anything else is an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from exporters.errors import ExportError
-from mora_core.checkpoint import Checkpoint
-from mora_core.plan import NameResolver
 
 # model_type -> task ("causal-lm": logits; "encoder": last_hidden_state)
 SUPPORTED: dict[str, str] = {
@@ -90,41 +86,6 @@ def tied_output(model: torch.nn.Module) -> dict[str, str]:
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     by_module = {m: n for n, m in model.named_modules()}
     return {f"{by_module[out_emb]}.weight": f"{by_module[in_emb]}.weight"} if id(in_emb.weight) in names else {}
-
-
-@dataclass
-class BaseWeights:
-    """The base's tensors under the model's names (float32), and what was left aside."""
-
-    tensors: dict[str, torch.Tensor]
-    ignored: list[str]  # checkpoint tensors the model has no place for (e.g. a pretraining head)
-    tied: dict[str, str]  # tied tensor the checkpoint omits -> the tensor it shares
-
-
-def read_base_weights(base: Checkpoint, model: torch.nn.Module) -> BaseWeights:
-    """Read every base tensor, bind it to the model's parameter names, check nothing is missing."""
-    state = model.state_dict()
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    resolver = NameResolver(list(state))
-    tensors: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
-    for f in base.files:
-        for name, value in f.read_all().items():
-            target = resolver.resolve(name)
-            if target is None:
-                ignored.append(name)
-                continue
-            if tuple(value.shape) != tuple(state[target].shape):
-                raise ExportError(f"{f.path}: tensor {name} is {list(value.shape)} but the architecture in "
-                                  f"config.json expects {list(state[target].shape)} for {target}")
-            tensors[target] = value.to(torch.float32) if value.is_floating_point() else value
-    tied = {a: s for a, s in tied_output(model).items() if a not in tensors and s in tensors}
-    missing = sorted(n for n in params if n not in tensors and n not in tied)
-    if missing:
-        raise ExportError(f"{base.root}: the weights have no tensor for {missing[0]}"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                          + "; does config.json match the safetensors files?")
-    return BaseWeights(tensors, ignored, tied)
 
 
 def load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ The graph itself is written by `exporters.onnx_graph.export_graph` and checked b
 
 from __future__ import annotations
 
-import copy
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,15 +29,9 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
-from exporters.hf_model import (
-    OUTPUT_NAME,
-    BaseWeights,
-    build_model,
-    load_config,
-    load_weights,
-    read_base_weights,
-    task_of,
-)
+from exporters.hf_model import OUTPUT_NAME, load_config, task_of
+from exporters.memory import shortfall
+from exporters.model_build import BaseValues, DeferredModel, merged_model
 from exporters.onnx_graph import (
     MAX_OPSET,
     MIN_OPSET,
@@ -48,6 +42,7 @@ from exporters.onnx_graph import (
 )
 from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
 from exporters.onnx_validation import validate_graph
+from exporters.onnx_weights import inline_weights
 from exporters.outputs import (
     copy_side_files,
     fsync_file,
@@ -56,13 +51,17 @@ from exporters.outputs import (
     write_json,
 )
 from exporters.providers import choose_provider
+from exporters.quantize import quantize_int4
 from exporters.validate import tolerances
 from mora_core.adapter import Adapter
 from mora_core.checkpoint import open_checkpoint
-from mora_core.merge import merge_state_dict
 from registry.blobs import hash_file
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+# graph dtype -> dtype of the model it is exported from (int4 is quantised from a float32 graph)
+MODEL_DTYPES = {**ONNX_DTYPES, "int4": torch.float32}
+# int4 weights are about a quarter of float32 ones once the float32 embeddings are counted
+INT4_SHRINK = 4
 # weights above this go to external data (protobuf refuses messages over 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -106,45 +105,56 @@ def export_merged_onnx(
     chosen = choose_provider(provider) if validate else None  # before the slow part
 
     seconds: dict[str, float] = {}
+    quantization: dict[str, Any] | None = None
     t = time.perf_counter()
-    model = build_model(copy.deepcopy(config))
-    base = read_base_weights(checkpoint, model)
-    merged = merge_state_dict(base.tensors, adapters, weights, accumulate=ACCUMULATE[accumulate], tied=base.tied)
-    untied = {alias: src for alias, src in base.tied.items() if alias in merged}
-    if untied:
-        model = build_model(copy.deepcopy(config), untie=True)
-    load_weights(model, merged)
-    # the unmerged reference needs back only the base value of each tensor the merge changed;
-    # dropping the rest now keeps peak memory near one model plus the touched tensors
-    restore = {k: base.tensors[k] for k, v in merged.items() if k in base.tensors and v is not base.tensors[k]}
-    restore.update({alias: base.tensors[src] for alias, src in untied.items()})
-    del merged
-    base.tensors = {}
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the model exists once, in the dtype it is exported in, holding the merged tensors (model_build)
+    built = merged_model(config, checkpoint, adapters, weights, dtype=MODEL_DTYPES[dtype],
+                         accumulate=ACCUMULATE[accumulate])
+    untied = built.untied
+    total = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    graph_bytes = total // INT4_SHRINK if dtype == "int4" else total
+    if validate:  # refused before the export, not killed for memory halfway through it
+        reference_bytes = sum(p.numel() * 4 for p in built.model.parameters() if p.is_floating_point())
+        problem = shortfall(graph_bytes, reference_bytes, dtype, chosen)
+        if problem:
+            raise ValidationFailed(problem)
     seconds["merge"] = round(time.perf_counter() - t, 3)
     _progress(progress, total, 1, "merged; exporting graph")
 
     with staged_output(out_dir) as tmp:
         t = time.perf_counter()
-        n_bytes = total // (2 if dtype == "float16" else 1)
-        use_external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
+        use_external = graph_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
         spec = plain_spec(task)
-        real_opset = export_graph(model, spec, dtype, opset, tmp / GRAPH_NAME, use_external)
+        # saved with external data (streamed, one tensor at a time); the model is released
+        # before a small graph's weights are moved inline (onnx_weights) or int4 is quantised
+        first = tmp / ".float32" / GRAPH_NAME if dtype == "int4" else tmp / GRAPH_NAME
+        first.parent.mkdir(exist_ok=True)
+        real_opset = export_graph(built.model, spec, "float32" if dtype == "int4" else dtype, opset, first, True)
+        built.model = None
+        if dtype == "int4":
+            quantization = quantize_int4(first, tmp / GRAPH_NAME, use_external)
+            shutil.rmtree(first.parent)
+        elif not use_external:
+            inline_weights(tmp / GRAPH_NAME)
         seconds["export"] = round(time.perf_counter() - t, 3)
         _progress(progress, total, 2, "exported; validating")
 
         validation = None
         if validate:
             t = time.perf_counter()
-            validation = validate_graph(tmp / GRAPH_NAME, model, restore, adapters, weights, task,
-                                        chosen, provider, atol_v, rtol_v, dtype)
+            # the float32 reference is built after the session closed; the base value of each
+            # changed tensor is read back from the base files when the unmerged pass needs it
+            reference = DeferredModel(config, lambda: merged_model(
+                config, checkpoint, adapters, weights, accumulate=ACCUMULATE[accumulate]).model)
+            validation = validate_graph(tmp / GRAPH_NAME, reference, BaseValues(built.layout, built.changed()),
+                                        adapters, weights, task, chosen, provider, atol_v, rtol_v, dtype)
             seconds["validation"] = round(time.perf_counter() - t, 3)
             if not validation["passed"]:
                 raise ValidationFailed(validation["failure"])
 
         digests = copy_side_files(checkpoint.root, tmp, {"tie_word_embeddings": False} if untied else None)
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
-                         base, validation)
+                         built.layout.ignored, validation, quantization)
         digests.update({name: f["sha256"] for name, f in recipe["files"].items()})
         digests[RECIPE_NAME] = write_json(tmp / RECIPE_NAME, recipe)
     _progress(progress, total, 3, "done")
@@ -166,8 +176,8 @@ def export_merged_onnx(
 
 def _check_arguments(adapters: Sequence[Adapter], weights: Sequence[float], out_dir: Path, dtype: str,
                      accumulate: str, opset: int | None) -> None:
-    if dtype not in ONNX_DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: ONNX export supports {', '.join(ONNX_DTYPES)}")
+    if dtype not in MODEL_DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: ONNX export supports {', '.join(MODEL_DTYPES)}")
     if accumulate not in ACCUMULATE:
         raise ExportError(f"--accumulate {accumulate!r} is not one of {', '.join(ACCUMULATE)}")
     if len(weights) != len(adapters):
@@ -183,8 +193,8 @@ def _progress(fn: ProgressFn | None, total: int, stage: int, what: str) -> None:
 
 
 def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], weights: Sequence[float],
-            dtype: str, accumulate: str, opset: int, untied: dict[str, str], base: BaseWeights,
-            validation: dict[str, Any] | None) -> dict[str, Any]:
+            dtype: str, accumulate: str, opset: int, untied: dict[str, str], ignored: list[str],
+            validation: dict[str, Any] | None, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
     """export.json: how this graph was made, enough to make it again and to check it."""
     from exporters.inputs import tool_versions
 
@@ -206,17 +216,18 @@ def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], 
         "architectures": list(getattr(config, "architectures", None) or []),
         "task": task,
         "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in spec.input_names},
-        "outputs": {out_name: {"dtype": dtype, "shape": ["batch", "sequence",
+        "outputs": {out_name: {"dtype": "float32" if dtype == "int4" else dtype, "shape": ["batch", "sequence",
                                                          "vocab" if task == "causal-lm" else "hidden"]}},
         "kv_cache": False,
         "dtype": dtype,
+        "quantization": quantization,
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True, optimize=True)",
         "accumulate": accumulate,
         "adapters": [{"label": a.label, "kind": a.kind, "weight": w,
                       "path": str(a.path) if a.path is not None else None} for a, w in zip(adapters, weights)],
         "untied": untied,
-        "ignored_base_tensors": base.ignored,
+        "ignored_base_tensors": ignored,
         "tools": tool_versions(),
         "validation": None if validation is None else {
             k: validation[k] for k in ("provider", "requested_provider", "passed", "max_abs_diff",

@@ -72,13 +72,17 @@ def _plain_example(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], di
 
 def export_graph(model: torch.nn.Module, spec: GraphSpec, dtype: str, opset: int | None, path: Path,
                  external: bool) -> int:
-    """Export `model` (float32, eval) with the signature `spec` in `dtype`; returns the graph's opset.
+    """Export `model` (eval) with the signature `spec` in `dtype`; returns the graph's opset.
+
+    A model already in `dtype` is exported as it is; any other is cast on a copy.
 
     The graph is saved at `path` (weights in `path.name + ".data"` when `external`) and
     checked with `onnx.checker`. A failure of the exporter is an `ExportError` naming
     the architecture.
     """
-    export_model = model if dtype == "float32" else copy.deepcopy(model).to(ONNX_DTYPES[dtype])
+    want = ONNX_DTYPES[dtype]
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    export_model = model if all(d == want for d in floating) else copy.deepcopy(model).to(want)
     wrapper = PlainWrapper(export_model, spec.task).eval()
     example, dynamic = _plain_example(model)
     model_type = getattr(model.config, "model_type", type(model).__name__)

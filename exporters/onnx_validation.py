@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, load_weights, max_positions
+from exporters.model_build import DeferredModel
 from exporters.onnx_graph import PlainWrapper
 from exporters.providers import open_session, really_used
 from exporters.validate import Case, compare, failure_line, make_cases
@@ -35,12 +36,13 @@ def _cannot_run(provider: str, exc: BaseException) -> str:
             f"({type(exc).__name__}: {first}); nothing was written")
 
 
-def validate_graph(graph: Path, model: torch.nn.Module, restore: Mapping[str, torch.Tensor],
+def validate_graph(graph: Path, model: torch.nn.Module | DeferredModel, restore: Mapping[str, torch.Tensor],
                    adapters: Sequence[Adapter], weights: Sequence[float], task: str, provider: str,
                    requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
     """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
 
-    `model` holds the merged weights (float32); `restore` maps every tensor the merge
+    `model` holds the merged weights (float32), or is a `DeferredModel` built after the
+    ONNX Runtime session is closed (one of the two in memory at a time); `restore` maps every tensor the merge
     changed (and every untied alias) to its base value, for the unmerged reference. On
     return `model` holds the base weights. The report is JSON-able.
     """
@@ -56,18 +58,21 @@ def validate_graph(graph: Path, model: torch.nn.Module, restore: Mapping[str, to
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
+    if isinstance(model, DeferredModel):  # built now: the session's memory is released
+        model = model.build()
     wrapper = PlainWrapper(model, task).eval()
 
     def torch_run(case: Case):
         with torch.no_grad():
             return wrapper(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
 
-    comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol)}
+    comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol,
+                                                 norm=dtype == "int4")}
     # the same module, back to the base weights, with the adapters as unmerged branches
     load_weights(model, restore)
     with apply_unmerged(model, adapters, weights):
         comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
-                                                  torch_run, atol, rtol)
+                                                  torch_run, atol, rtol, norm=dtype == "int4")
     report: dict[str, Any] = {
         "provider": used,
         "requested_provider": requested,

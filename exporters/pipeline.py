@@ -27,7 +27,7 @@ from registry.faults import fault_point
 
 TARGETS = ("safetensors", "onnx")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-ONNX_DTYPES = ("auto", "float32", "float16")
+ONNX_DTYPES = ("auto", "float32", "float16", "int4")  # int4: MatMulNBits weights (exporters.quantize)
 ACCUMULATE = ("float32", "float64")
 ProgressFn = Callable[[int, int, str], None]
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -44,7 +44,7 @@ class MergeOptions:
         target: "safetensors" or "onnx".
         out_dir: the output folder; must not exist (or be an empty folder).
         weights: one per adapter (default 1.0 each): `W' = W + sum w_i dW_i`.
-        dtype: output dtype of floating tensors ("auto" keeps the base's; ONNX: float32 or float16).
+        dtype: output dtype of floating tensors ("auto" keeps the base's; ONNX: float32, float16 or int4).
         accumulate: accumulation dtype of the merge (cast once at the end).
         max_shard_bytes: repack safetensors shards to at most this; None keeps the base's sharding.
         opset, provider, atol, rtol, validate: the ONNX export and its validation.

@@ -136,14 +136,13 @@ def test_run_on_a_folder_without_graph(files):
 
 
 def test_wrong_merge_exits_1_keeps_nothing_registers_nothing(files, monkeypatch):
-    import exporters.onnx_export as ox
+    import exporters.model_build as mb
 
     home = files["root"] / "home-wrong"
     for name, folder in (("t/mora", files["mora1"]), ("t/lora", files["lora"])):
         assert adapters("push", folder, "--name", name, "--base", files["base"], home=home).code == 0
-    real = ox.merge_state_dict
-    monkeypatch.setattr(ox, "merge_state_dict",
-                        lambda sd, ads, ws, **kw: real(sd, ads[:1], ws[:1], **kw))  # drops t/lora
+    real = mb.merge_plan
+    monkeypatch.setattr(mb, "merge_plan", lambda layout, ads, ws: real(layout, ads[:1], ws[:1]))  # drops t/lora
     out = files["root"] / "wrong"
     r = adapters("merge", "t/mora", "t/lora", "--base", files["base"], "--to", "onnx", "-o", out, home=home)
     assert r.code == 1, r.err

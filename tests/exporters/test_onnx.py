@@ -198,11 +198,10 @@ def _leftovers(parent: Path, name: str) -> list[Path]:
 
 def test_wrong_merge_is_caught_by_the_unmerged_comparison(root, monkeypatch):
     """A merge that silently drops the second adapter: export == merged model, but != the truth."""
-    import exporters.onnx_export as ox
+    import exporters.model_build as mb
 
-    real = ox.merge_state_dict
-    monkeypatch.setattr(ox, "merge_state_dict",
-                        lambda sd, adapters, weights, **kw: real(sd, adapters[:1], weights[:1], **kw))
+    real = mb.merge_plan
+    monkeypatch.setattr(mb, "merge_plan", lambda layout, adapters, weights: real(layout, adapters[:1], weights[:1]))
     with pytest.raises(ValidationFailed) as err:
         _export(root, "gpt2-wrong", "gpt2", [_mora(root, "gpt2", 1), _lora(root, "gpt2")], [1.0, 1.0])
     msg = str(err.value)
@@ -211,17 +210,18 @@ def test_wrong_merge_is_caught_by_the_unmerged_comparison(root, monkeypatch):
 
 
 def test_perturbed_weight_is_caught(root, monkeypatch):
-    import exporters.onnx_export as ox
+    import exporters.model_build as mb
 
-    real = ox.merge_state_dict
+    real = mb.merge_tensor
 
-    def perturbed(sd, adapters, weights, **kw):
-        out = real(sd, adapters, weights, **kw)
-        name = "encoder.layer.1.output.dense.weight"
-        out[name] = out[name] + 1e-2 * torch.randn_like(out[name])
+    def perturbed(base, ops, **kw):
+        out = real(base, ops, **kw)
+        if kw.get("name") == "encoder.layer.1.output.dense.weight":
+            # the same perturbation each time: the export and the merged reference both get it
+            out = out + 1e-2 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
         return out
 
-    monkeypatch.setattr(ox, "merge_state_dict", perturbed)
+    monkeypatch.setattr(mb, "merge_tensor", perturbed)
     with pytest.raises(ValidationFailed, match="unmerged"):
         _export(root, "bert-wrong", "bert", [_mora(root, "bert", 6)], [1.0])
     assert _leftovers(root, "bert-wrong") == []

@@ -1,0 +1,44 @@
+"""Will the validation fit in memory? Estimated before the slow part, refused clearly if not.
+
+Validation holds, one after the other (never together): the ONNX Runtime session of the
+graph, then the float32 PyTorch reference. Measured on the CPU provider
+(bench/bench_onnx_export.py, 106M-parameter Llama): a float32 graph's session costs
+about its weight bytes (external data is memory-mapped); a float16 graph's costs about
+2.5x its weight bytes, because ONNX Runtime's CPU kernels run float32 and it inserts
+casts of every weight; int4 MatMulNBits weights are used packed. The reference costs its
+float32 parameter bytes. When the larger of the two exceeds the memory the system says
+is available, validation cannot run here: that is a failed check with its own message,
+not an out-of-memory kill halfway, and not a silent skip.
+"""
+
+from __future__ import annotations
+
+# ONNX Runtime CPU session bytes per graph weight byte, by graph dtype (measured, see above)
+SESSION_FACTOR = {"float32": 1.0, "float16": 2.5, "int4": 1.0}
+HEADROOM = 512 << 20  # activations of the validation cases, allocator slack
+
+
+def available_bytes() -> int:
+    """Memory the system can give without swapping (psutil's `available`)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def validation_need(graph_bytes: int, reference_bytes: int, dtype: str, provider: str) -> int:
+    """Peak bytes validation adds to this process: the larger of session and reference, plus headroom."""
+    session = int(graph_bytes * SESSION_FACTOR.get(dtype, 1.0)) if provider == "cpu" else 0
+    return max(session, reference_bytes) + HEADROOM
+
+
+def shortfall(graph_bytes: int, reference_bytes: int, dtype: str, provider: str) -> str | None:
+    """None when validation fits in the available memory, else the sentence that says why not."""
+    have = available_bytes()
+    need = validation_need(graph_bytes, reference_bytes, dtype, provider)
+    if need <= have:
+        return None
+    gb = 1 << 30
+    return (f"validation cannot run in the memory available on {provider}: it needs about {need / gb:.1f} GiB "
+            f"(a {dtype} graph of {graph_bytes / gb:.1f} GiB in ONNX Runtime, then a float32 PyTorch reference "
+            f"of {reference_bytes / gb:.1f} GiB) and {have / gb:.1f} GiB is available; nothing was written "
+            "(--no-validate exports without the check)")
