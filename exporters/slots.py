@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
-from exporters.hf_model import build_model, load_config, load_weights, read_base_weights, task_of
+from exporters.hf_model import load_config, task_of
+from exporters.model_build import merged_model
 from exporters.onnx_export import EXTERNAL_DATA_BYTES
 from exporters.onnx_graph import (
     MAX_OPSET,
@@ -77,11 +78,9 @@ class BaseModel:
         self.config = load_config(self.dir)
         self.task = task_of(self.config)
         self.checkpoint = open_checkpoint(self.dir)
-        self.model = build_model(copy.deepcopy(self.config))
-        base = read_base_weights(self.checkpoint, self.model)
-        load_weights(self.model, base.tensors)
-        self.ignored = base.ignored
-        del base
+        built = merged_model(self.config, self.checkpoint, [], [])  # meta build, base weights in place
+        self.model = built.model
+        self.ignored = built.layout.ignored
         self.shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
 
     def file_digests(self) -> dict[str, str]:
