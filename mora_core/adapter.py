@@ -22,12 +22,14 @@ from mora_core.checkpoint import weight_kind
 from mora_core.errors import AdapterError, MergeError
 from mora_core.mora import MoraOperator, mora_rank
 from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp
-from mora_core.safetensors_io import SafetensorsFile, all_finite
+from mora_core.safetensors_io import SafetensorsFile, all_finite, dtype_code
 from mora_core.spec import AdapterSpec, read_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# adapter weights are floating point; integer, bool and float8 tensors are refused by name
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _LORA_SUFFIXES = {
     ".lora_A.weight": "A",
@@ -187,6 +189,9 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            raise AdapterError(f"{where}: tensor {key} is {dtype_code(t.dtype)}; adapter weights must be "
+                               "F16, BF16, F32 or F64 (float16, bfloat16, float32, float64)")
         if not all_finite(t):
             raise AdapterError(f"{where}: tensor {key} holds NaN or Inf values")
         name = _strip_prefix(key)
@@ -202,6 +207,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
         module, role = cls
         grouped.setdefault(module, {})[role] = t
     layers = {m: _make_layer(m, parts, spec, where) for m, parts in grouped.items()}
+    _check_targets(layers, spec, where)
     return Adapter(path=path, config=config, spec=spec, layers=layers, replacements=replacements, label=label)
 
 
@@ -249,6 +255,16 @@ def _make_layer(module: str, parts: dict[str, torch.Tensor], spec: AdapterSpec, 
     if spec.use_dora:
         raise AdapterError(f"{where}: module {module} has no lora_magnitude_vector but use_dora is true")
     return AdapterLayer(module, "lora", {"A": a, "B": b})
+
+
+def _check_targets(layers: dict[str, AdapterLayer], spec: AdapterSpec, where: str) -> None:
+    """Every LoRA/MoRA module must be one that `target_modules` selects (PEFT created only those)."""
+    stray = [m for m in sorted(layers) if not spec.targets(m)]
+    if stray:
+        shown = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules or [])
+        raise AdapterError(f"{where}: module {stray[0]}" + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
+                           + f" is not selected by target_modules {str(shown)[:120]} in {spec.source}; "
+                           "config and weights do not belong together")
 
 
 def _check_rank(module: str, r: int, spec: AdapterSpec, where: str) -> None:

@@ -28,12 +28,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mora_core.errors import AdapterError, MoraCoreError
+from mora_core.safe_io import open_regular, parse_json
 
 if TYPE_CHECKING:
     import torch
 
-# A header larger than this is not a model file, it is an attack or corruption.
+# A header larger than this is not a model file, it is an attack or corruption (the
+# safetensors library's own limit). Entries: a LoRA on every expert of a large MoE has
+# ~10^5 tensors in one file; 2^18 leaves room and bounds the time a header costs.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 1 << 18
+MAX_DIMS = 8
+MAX_NUMEL = 1 << 48  # elements of a tensor, counting empty dimensions as 1
 
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -103,8 +109,8 @@ class SafetensorsFile:
         self.path = Path(path)
         self._error_cls = error_cls
         try:
-            self.file_size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
+            with open_regular(self.path, error_cls) as fh:
+                self.file_size = os.fstat(fh.fileno()).st_size
                 head = fh.read(8)
                 if len(head) < 8:
                     self._fail("file is shorter than a safetensors header (truncated?)")
@@ -114,13 +120,15 @@ class SafetensorsFile:
                 raw = fh.read(n)
         except OSError as exc:
             raise error_cls(f"{self.path}: cannot read ({exc.strerror or exc})") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            self._fail("header is not valid JSON (corrupt file?)")
+        if raw.count(b'"data_offsets"') > MAX_TENSORS:
+            self._fail(f"header lists more than {MAX_TENSORS} tensors; refused")
+        header = parse_json(raw, f"{self.path}: header", error_cls, max_depth=4)
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            self._fail("__metadata__ is not a map of strings")
+        self.metadata: dict[str, str] = metadata
         data_start = 8 + n
         infos: list[TensorInfo] = []
         for name, entry in header.items():
@@ -130,7 +138,7 @@ class SafetensorsFile:
         for info in infos:
             if info.begin < pos:
                 self._fail(f"tensor {info.name!r} overlaps another tensor")
-            pos = info.end
+            pos = max(pos, info.end)
         if pos > self.file_size:
             self._fail(f"data ends at byte {pos} but the file has {self.file_size} (truncated)")
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in infos}
@@ -139,19 +147,24 @@ class SafetensorsFile:
         raise self._error_cls(f"{self.path}: {what}")
 
     def _parse_entry(self, name: str, entry: Any, data_start: int) -> TensorInfo:
-        try:
-            code = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            b, e = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            self._fail(f"tensor {name!r} has a malformed header entry")
-        if code not in DTYPE_SIZES:
-            self._fail(f"tensor {name!r} has unsupported dtype {code!r}")
-        if any(d < 0 for d in shape) or b < 0 or e < b:
-            self._fail(f"tensor {name!r} has negative sizes or offsets")
+        """One header entry, checked for type, shape and size before anything trusts it."""
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            self._fail(f"tensor {name[:80]!r} has a malformed header entry")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(code, str) or code not in DTYPE_SIZES:
+            self._fail(f"tensor {name[:80]!r} has unsupported dtype {str(code)[:20]!r}")
+        if (not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(v) is int for v in (*shape, *offsets))):
+            self._fail(f"tensor {name[:80]!r}: shape and data_offsets must be lists of integers")
+        if len(shape) > MAX_DIMS or any(d < 0 for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_NUMEL:
+            self._fail(f"tensor {name[:80]!r} has an impossible shape ({len(shape)} dimensions, "
+                       f"{str(shape)[:60]})")
+        b, e = offsets
+        if b < 0 or e < b:
+            self._fail(f"tensor {name[:80]!r} has negative sizes or offsets")
         if math.prod(shape) * DTYPE_SIZES[code] != e - b:
-            self._fail(f"tensor {name!r}: shape {list(shape)} x {code} does not match its {e - b} bytes")
-        return TensorInfo(name, code, shape, data_start + b, data_start + e)
+            self._fail(f"tensor {name[:80]!r}: shape {shape} x {code} does not match its {e - b} bytes")
+        return TensorInfo(name, code, tuple(shape), data_start + b, data_start + e)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh, owned memory (one positioned read, no mmap)."""

@@ -9,35 +9,31 @@ by name rather than skipped.
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mora_core.errors import AdapterError
 from mora_core.mora import MORA_TYPES
+from mora_core.patterns import Matcher, PatternError, check_key
+from mora_core.safe_io import read_json
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
 
 
-def match_pattern(patterns: dict[str, Any], module: str) -> str | None:
-    """PEFT's pattern lookup: exact key first, then a regex matching the module path's end."""
-    if module in patterns:
-        return module
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
-    return None
+MAX_RANK = 1 << 20  # r and rank_pattern values: a LoRA rank above a million is not an adapter
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The adapter-wide settings; per-module rank and alpha come from `rank_for`/`alpha_for`."""
+    """The adapter-wide settings; per-module rank and alpha come from `rank_for`/`alpha_for`.
+
+    Pattern lookups (`rank_pattern`, `alpha_pattern`, `target_modules`) go through one
+    `Matcher` per spec: PEFT's semantics, one shared time budget (see mora_core.patterns).
+    A pattern that exhausts it raises `AdapterError` naming `source` (the config file).
+    """
 
     kind: str  # "lora" | "mora"
     r: int
@@ -52,13 +48,21 @@ class AdapterSpec:
     bias: str = "none"
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
+    source: str = field(default="adapter_config.json", compare=False, repr=False)
+    matcher: Matcher = field(default_factory=Matcher, compare=False, repr=False)
+
+    def _lookup(self, table: str, module: str) -> str | None:
+        try:
+            return self.matcher.lookup(getattr(self, table), module)
+        except PatternError as exc:
+            raise AdapterError(f"{self.source}: {table} key {exc}") from None
 
     def rank_for(self, module: str) -> int:
-        key = match_pattern(self.rank_pattern, module)
+        key = self._lookup("rank_pattern", module)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
-        key = match_pattern(self.alpha_pattern, module)
+        key = self._lookup("alpha_pattern", module)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
     def lora_scaling(self, module: str) -> float:
@@ -66,8 +70,18 @@ class AdapterSpec:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    def targets(self, module: str) -> bool:
+        """Whether `target_modules` selects `module` (True when the config leaves it open)."""
+        t = self.target_modules
+        if t is None or t == "all-linear" or (not isinstance(t, str) and not t):
+            return True
+        try:
+            return self.matcher.targeted(t, module)
+        except PatternError as exc:
+            raise AdapterError(f"{self.source}: target_modules {exc}") from None
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.compare}
 
 
 def _fail(path: Path, what: str) -> AdapterError:
@@ -85,20 +99,55 @@ def _typed(cfg: dict, key: str, kind: type | tuple[type, ...], default: Any, pat
     return value
 
 
+def _flag(cfg: dict, key: str, path: Path) -> bool:
+    value = cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _fail(path, f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _finite(value: Any, what: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _patterns(cfg: dict, key: str, path: Path) -> dict[str, Any]:
+    table = _typed(cfg, key, dict, {}, path)
+    for k in table:
+        try:
+            check_key(k)
+        except PatternError as exc:
+            raise _fail(path, f"{key} key {exc}") from None
+    return dict(table)
+
+
+def _names(cfg: dict, key: str, path: Path) -> list[str] | str | None:
+    value = cfg.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, f"{key} must be a list of module names or a regex, got {str(value)[:80]}")
+    return value
+
+
 def parse_config(cfg: Any, path: Path) -> AdapterSpec:
     """Validate a parsed adapter_config.json and turn it into an `AdapterSpec`."""
     if not isinstance(cfg, dict):
         raise _fail(path, "is not a JSON object")
-    peft_type = str(cfg.get("peft_type") or "").upper()
-    if not peft_type:
+    peft_type = cfg.get("peft_type") or ""
+    if not isinstance(peft_type, str) or not peft_type:
         raise _fail(path, "has no peft_type (is this a PEFT adapter config?)")
+    peft_type = peft_type.upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise _fail(path, f"peft_type {peft_type} is not supported (only LoRA and MoRA adapters)")
+        raise _fail(path, f"peft_type {peft_type[:40]} is not supported (only LoRA and MoRA adapters)")
     r = _typed(cfg, "r", int, None, path)
-    if r is None or r < 1:
-        raise _fail(path, f"r must be a positive integer, got {cfg.get('r')!r}")
-    alpha = _typed(cfg, "lora_alpha", (int, float), r, path)
-    use_mora = bool(cfg.get("use_mora", False))
+    if r is None or not 1 <= r <= MAX_RANK:
+        raise _fail(path, f"r must be an integer from 1 to {MAX_RANK}, got {cfg.get('r')!r}")
+    alpha = _finite(_typed(cfg, "lora_alpha", (int, float), r, path), "lora_alpha", path)
+    use_mora = _flag(cfg, "use_mora", path)
     mora_type = None
     if use_mora:
         mora_type = _typed(cfg, "mora_type", int, 1, path)
@@ -108,41 +157,43 @@ def parse_config(cfg: Any, path: Path) -> AdapterSpec:
             raise _fail(path, "use_mora and use_dora together are not a defined adapter")
     if cfg.get("lora_bias"):
         raise _fail(path, "lora_bias=true (a bias on lora_B) is not supported")
-    rank_pattern = _typed(cfg, "rank_pattern", dict, {}, path)
-    alpha_pattern = _typed(cfg, "alpha_pattern", dict, {}, path)
+    rank_pattern = _patterns(cfg, "rank_pattern", path)
+    alpha_pattern = _patterns(cfg, "alpha_pattern", path)
     for k, v in rank_pattern.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _fail(path, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_RANK:
+            raise _fail(path, f"rank_pattern[{k!r}] must be an integer from 1 to {MAX_RANK}, got {v!r}")
+    alphas = {k: _finite(v, f"alpha_pattern[{k!r}]", path) for k, v in alpha_pattern.items()}
     bias = _typed(cfg, "bias", str, "none", path)
     if bias not in ("none", "all", "lora_only"):
         raise _fail(path, f"bias must be none, all or lora_only, got {bias!r}")
+    target_modules = _names(cfg, "target_modules", path)
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            check_key(target_modules, whole=True)
+        except PatternError as exc:
+            raise _fail(path, f"target_modules {exc}") from None
+    base_name = cfg.get("base_model_name_or_path")
     return AdapterSpec(
         kind="mora" if use_mora else "lora",
         r=r,
-        lora_alpha=float(alpha),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        use_dora=bool(cfg.get("use_dora", False)),
-        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        lora_alpha=alpha,
+        use_rslora=_flag(cfg, "use_rslora", path),
+        use_dora=_flag(cfg, "use_dora", path),
+        fan_in_fan_out=_flag(cfg, "fan_in_fan_out", path),
         mora_type=mora_type,
-        target_modules=cfg.get("target_modules"),
-        rank_pattern=dict(rank_pattern),
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        target_modules=target_modules,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alphas,
         bias=bias,
-        modules_to_save=cfg.get("modules_to_save"),
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        modules_to_save=_names(cfg, "modules_to_save", path),
+        base_model_name_or_path=base_name if isinstance(base_name, str) else None,
+        source=str(path),
     )
 
 
 def read_config(path: Path) -> tuple[dict[str, Any], AdapterSpec]:
-    """Read and validate `adapter_config.json`; returns the raw dict and the spec."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _fail(path, "not found (an adapter folder needs adapter_config.json)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(path, f"cannot be read ({exc})") from None
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, f"is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    """Read and validate `adapter_config.json` (the strict JSON reader); the raw dict and the spec."""
+    if not path.exists() and not path.is_symlink():
+        raise _fail(path, "not found (an adapter folder needs adapter_config.json)")
+    cfg = read_json(path, AdapterError, what="adapter config")
     return cfg, parse_config(cfg, path)

@@ -256,3 +256,78 @@ def write_tokenizer(folder: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
     return folder
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+def deep_json(depth: int) -> str:
+    """A JSON document nested `depth` levels deep (`[[[...]]]`)."""
+    return "[" * depth + "]" * depth
+
+
+def write_raw_safetensors(path: Path, header: dict | str | bytes, data: bytes = b"") -> Path:
+    """A safetensors file with exactly this header (dict, JSON text or raw bytes) and data buffer.
+
+    For headers the safetensors library would refuse to write (duplicate names, absurd
+    shapes, nesting, unknown dtypes): the 8-byte length, the header, then `data`.
+    """
+    raw = header if isinstance(header, bytes) else (
+        header if isinstance(header, str) else json.dumps(header)).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        fh.write(data)
+    return path
+
+
+def write_lora_folder(folder: Path, shapes: dict[str, tuple[int, int]], r: int = 4, seed: int = 0,
+                      config: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """A LoRA folder (PEFT layout) for modules `{path: (in, out)}`; `config` overrides keys.
+
+    `dtype` may be an integer or bool dtype (hostile: adapter weights must be floats).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (in_f, out_f) in shapes.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(r, in_f, generator=g) * 0.1).to(dtype)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_f, r, generator=g) * 0.1).to(dtype)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+           "target_modules": sorted({m.rsplit(".", 1)[-1] for m in shapes}), "task_type": "CAUSAL_LM"}
+    cfg.update(config or {})
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def write_tiny_onnx(folder: Path, inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
+                    vocab: int = VOCAB, external_location: str | None = None) -> Path:
+    """A tiny ONNX "language model" (`logits = embedding[input_ids]`) in `folder/model.onnx`.
+
+    Built with onnx.helper (no torch export): what `adapters run` needs to load a graph.
+    `external_location` stores the embedding as external data at that (relative) path.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((vocab, vocab)).astype(np.float32),
+                                  "embedding")
+    nodes = [helper.make_node("Gather", ["embedding", inputs[0]], ["logits"], axis=0)]
+    graph_inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in inputs]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])
+    model = helper.make_model(helper.make_graph(nodes, "tiny", graph_inputs, [out], [emb]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    if external_location is not None:
+        t = model.graph.initializer[0]
+        t.data_location = TensorProto.EXTERNAL
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        for k, v in (("location", external_location), ("offset", "0"), ("length", str(vocab * vocab * 4))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
