@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mora_core.checkpoint import weight_kind
+from mora_core.checkpoint import member, weight_kind
 from mora_core.errors import AdapterError, MergeError
 from mora_core.mora import MoraOperator, mora_rank
 from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp
@@ -168,15 +168,20 @@ def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterError(f"{folder}: not an adapter folder (no such directory)")
-    config, spec = read_config(folder / CONFIG_NAME)
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists() and not config_path.is_symlink():
+        raise AdapterError(f"{config_path}: not found (an adapter folder needs adapter_config.json)")
+    member(folder, CONFIG_NAME, AdapterError)  # the folder rule: no link out, no FIFO
+    config, spec = read_config(config_path)
     weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
+    if not weights.exists() and not weights.is_symlink():
         pickles = sorted(p.name for p in folder.glob("adapter_model.*") if weight_kind(p.name) == "pickle")
         if pickles:
             raise AdapterError(
                 f"{folder / pickles[0]}: pickle checkpoints are refused (they can run code); "
                 "convert it to adapter_model.safetensors first")
         raise AdapterError(f"{weights}: not found")
+    member(folder, WEIGHTS_NAME, AdapterError)
     tensors = SafetensorsFile(weights, AdapterError).map_all()
     return adapter_from_tensors(tensors, config, spec, folder, label or folder.name, where=str(weights))
 

@@ -5,10 +5,12 @@ the base (which shards, their validated headers, `config.json`, which tensor a t
 `lm_head` shares). Opening the folder once and passing the `Checkpoint` along means the
 index is parsed once, every header validated once, and all of them agree.
 
-The folder rule, in one place (`member`): a file is read from a model folder only if it
-is a *regular file* whose real path lies *inside the folder*. A symlink to a sibling is
-followed; a symlink leaving the folder (or pointing at a device, FIFO or directory) is
-refused. The side-file copier of `exporters.outputs` applies the same rule.
+The folder rule, in one place (`member`): a file is read from a folder (a base model, an
+adapter, an ONNX export) only if it is a *regular file* whose real path lies *inside the
+folder* (or, for a Hugging Face cache snapshot, in its repository's `blobs/`). A symlink
+to a sibling is followed; a symlink leaving the folder (or pointing at a device, FIFO or
+directory) is refused. The side-file copier of `exporters.outputs`, `load_adapter` and
+`adapters run` apply the same rule; the bytes are then read by `mora_core.safe_io`.
 
 `WEIGHT_SUFFIXES` is the one table of weight-file name endings (safetensors, pickles,
 other frameworks): what the merge reads, what a push hashes as the base's identity, what
@@ -19,7 +21,6 @@ No torch import here: the registry may read the table and open a checkpoint's he
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from mora_core.errors import MergeError
+from mora_core.errors import MergeError, MoraCoreError
+from mora_core.safe_io import read_json
 from mora_core.safetensors_io import SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -64,29 +66,39 @@ def is_weight_or_index(name: str) -> bool:
     return weight_kind(name) is not None or name.lower().endswith(INDEX_SUFFIX)
 
 
-def member(root: str | os.PathLike[str], name: str) -> Path:
-    """The real path of `root/name` if the folder rule allows reading it, else `MergeError`.
+def member(root: str | os.PathLike[str], name: str, error_cls: type[MoraCoreError] = MergeError) -> Path:
+    """The real path of `root/name` if the folder rule allows reading it, else `error_cls`.
 
     Allowed: a regular file whose resolved path lies inside the resolved `root` (so a
-    symlink between files of the folder is fine). Refused, with the reason: a missing
-    file, a name with a path separator or `..`, a symlink that leaves the folder, and
-    anything that is not a regular file.
+    symlink between files of the folder is fine), or, for a Hugging Face cache snapshot
+    (`<repo>/snapshots/<revision>/`, whose files are links to `../../blobs/<hash>`),
+    inside that repository's `blobs/`. Refused, with the reason: a missing file, a name
+    with a path separator or `..`, a symlink that leaves the folder, and anything that is
+    not a regular file (a FIFO named like a config would otherwise block the reader).
+    Every folder the tool reads (base models, adapters, ONNX exports) goes through this.
     """
     folder = Path(root)
     path = folder / name
     if not name or "/" in name or os.sep in name or name in (".", ".."):
-        raise MergeError(f"{path}: not a plain file name inside {folder}")
+        raise error_cls(f"{path}: not a plain file name inside {folder}")
     try:
         real_root = folder.resolve(strict=True)
         real = path.resolve(strict=True)
         st = os.stat(real)
     except (OSError, RuntimeError):
-        raise MergeError(f"{path}: not found") from None
-    if real.parent != real_root and real_root not in real.parents:
-        raise MergeError(f"{path}: a symbolic link leaving the folder (to {real}); refused")
+        raise error_cls(f"{path}: not found") from None
+    if not any(real.parent == r or r in real.parents for r in _readable_roots(real_root)):
+        raise error_cls(f"{path}: a symbolic link leaving the folder (to {real}); refused")
     if not stat.S_ISREG(st.st_mode):
-        raise MergeError(f"{path}: not a regular file; refused")
+        raise error_cls(f"{path}: not a regular file; refused")
     return real
+
+
+def _readable_roots(real_root: Path) -> list[Path]:
+    """Where the files of a folder may really lie: the folder, plus a HF cache repo's blobs/."""
+    if real_root.parent.name == "snapshots" and (real_root.parent.parent / "blobs").is_dir():
+        return [real_root, real_root.parent.parent / "blobs"]
+    return [real_root]
 
 
 def is_member(root: str | os.PathLike[str], name: str) -> bool:
@@ -180,15 +192,14 @@ def _open_file(root: Path, name: str) -> SafetensorsFile:
 
 def _read_index(root: Path) -> dict[str, str]:
     index = member(root, INDEX_NAME)
-    try:
-        weight_map = json.loads(_read_capped(index))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise MergeError(f"{root / INDEX_NAME}: not a valid safetensors index (no weight_map)") from None
-    for n in set(weight_map.values()):
-        if not isinstance(n, str) or "/" in n or n.startswith("."):
-            raise MergeError(f"{root / INDEX_NAME}: shard {n!r} is not a plain file name")
+    doc = read_json(index, MergeError, CONFIG_MAX_BYTES, what="safetensors index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MergeError(f"{root / INDEX_NAME}: not a valid safetensors index (weight_map must map tensor "
+                         "names to shard files)")
+    for t, n in weight_map.items():
+        if not isinstance(n, str) or "/" in n or os.sep in n or n.startswith(".") or not n:
+            raise MergeError(f"{root / INDEX_NAME}: shard {str(n)[:80]!r} of {t[:80]!r} is not a plain file name")
     return weight_map
 
 
@@ -196,19 +207,7 @@ def _read_config(root: Path) -> dict[str, Any]:
     path = root / CONFIG_NAME
     if not path.exists() and not path.is_symlink():
         return {}
-    real = member(root, CONFIG_NAME)
-    try:
-        config = json.loads(_read_capped(real))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    config = read_json(member(root, CONFIG_NAME), MergeError, CONFIG_MAX_BYTES, what="model config")
     if not isinstance(config, dict):
         raise MergeError(f"{path}: not a JSON object")
     return config
-
-
-def _read_capped(path: Path, cap: int = CONFIG_MAX_BYTES) -> str:
-    with open(path, "rb") as fh:
-        raw = fh.read(cap + 1)
-    if len(raw) > cap:
-        raise MergeError(f"{path}: larger than {cap >> 20} MiB; not a config or index file")
-    return raw.decode("utf-8")

@@ -159,7 +159,14 @@ def plan_merge(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seq
     """Check the options and bind every adapter key to a checkpoint tensor (before any write)."""
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     check_options(dtype, accumulate, weights)
-    return build_plan(checkpoint.shapes, adapters, weights, checkpoint.tied)
+    plan = build_plan(checkpoint.shapes, adapters, weights, checkpoint.tied)
+    codes = {n: info.dtype for f in checkpoint.files for n, info in f.tensors.items()}
+    for name in sorted(plan.targets()):
+        code = codes.get(name) or codes.get(plan.untied.get(name, ""))
+        if code is not None and code not in FLOAT_CODES:  # F8 (scaled/quantized), integers, bool
+            raise MergeError(f"{checkpoint.root}: base tensor {name} is {code}; adapters are merged into "
+                             "F16, BF16, F32 or F64 weights only (quantized or integer weights are not supported)")
+    return plan
 
 
 def stream_merge(

@@ -9,8 +9,8 @@ by name rather than skipped.
 
 from __future__ import annotations
 
-import math
 import copy
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any

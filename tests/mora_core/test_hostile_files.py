@@ -92,7 +92,7 @@ def entry(shape, begin=0, dtype="F32"):
 
 
 @pytest.mark.parametrize("header, why", [
-    ('{"a": %s, "a": %s}' % (json.dumps(entry([0])), json.dumps(entry([0]))), "appears twice"),
+    ("{" + f'"a": {json.dumps(entry([0]))}, "a": {json.dumps(entry([0]))}' + "}", "appears twice"),
     ({"a": entry([0, 2**70])}, "impossible shape"),
     ({"a": entry([1] * 9)}, "impossible shape"),
     ({"a": {**entry([2]), "shape": [2.0]}}, "lists of integers"),
@@ -186,10 +186,10 @@ def test_exponential_pattern_is_stopped_by_the_budget(tmp_path):
     mods = {"a" * 30 + f".m{i}": (8, 8) for i in range(3)}
     folder = write_lora_folder(tmp_path / "a", mods, config={"rank_pattern": {"(a|a)+b": 8},
                                                              "target_modules": ["m0", "m1", "m2"]})
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(AdapterError, match=r"rank_pattern key '\(a\|a\)\+b' takes more than"):
         load_adapter(folder)
-    assert time.perf_counter() - started < 20  # the budget is 2 s of matching, shared
+    assert time.process_time() - started < 10  # the budget: 1 s of matching (CPU), shared; before: 47 s
 
 
 def test_rank_pattern_exact_and_regex_ranks(tmp_path):
