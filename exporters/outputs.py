@@ -2,8 +2,8 @@
 
 One module for the rules every output follows, whatever its format:
 
-- `refuse_existing`: an output path that exists (other than an empty folder) is refused
-  before any work starts;
+- `refuse_existing`: an output path that exists (an empty folder too) is refused before
+  any work starts, and again just before the rename;
 - `staged_output`: the output is built in a temporary folder *beside* the target (same
   file system, so the final rename is atomic), every file and the folder are fsynced,
   the folder is renamed into place, and the parent folder fsynced; any exception
@@ -12,9 +12,9 @@ One module for the rules every output follows, whatever its format:
   (`remove_abandoned_partials`) and never a live one's;
 - `copy_side_files`: the base's small files (config.json, tokenizer and generation
   files) travel with the output under ONE rule: the folder rule of
-  `mora_core.checkpoint.member` (regular files, no symlink leaving the folder), hidden
-  files skipped, at most `SIDE_FILE_MAX_BYTES` each, and weights, weight indexes and
-  pickles never copied. Each copy is hashed while written and `config.json` edits
+  `mora_core.checkpoint.member` (regular files, no symlink leaving the folder: such an
+  entry is an error, not skipped), hidden files and sub-folders skipped, at most
+  `SIDE_FILE_MAX_BYTES` each, and weights, weight indexes and pickles never copied. Each copy is hashed while written and `config.json` edits
   (dtype, untied embeddings) are applied on the way, so the digests are known without
   reading the output again.
 """
@@ -34,6 +34,7 @@ from typing import Any
 from exporters.errors import ExportError
 from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member
 from mora_core.errors import MergeError
+from mora_core.safe_io import read_capped
 from registry.blobs import fsync_dir
 from registry.faults import fault_point
 
@@ -46,10 +47,17 @@ SIDE_FILE_MAX_BYTES = 64 << 20
 
 
 def refuse_existing(out: Path) -> None:
-    """`ExportError` if `out` exists and is not an empty folder (nothing is ever overwritten)."""
+    """`ExportError` if anything exists at `out`, an empty folder included.
+
+    One rule for every output (merge folders, ONNX exports, pulled adapters): the path
+    must be new. The output appears there in one rename when complete; an existing
+    empty folder would have to be removed first (losing its owner, mode or mount), so
+    it is refused like anything else.
+    """
     out = Path(out)
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise ExportError(f"{out}: output already exists; choose another -o or remove it")
+    if out.is_symlink() or out.exists():
+        raise ExportError(f"{out}: already exists (an empty folder too); give a new path: "
+                          "the output appears there, complete, in one rename")
 
 
 @contextlib.contextmanager
@@ -71,9 +79,8 @@ def staged_output(out: Path) -> Iterator[Path]:
         yield tmp
         fault_point("output_written")
         fsync_dir(tmp)
-        if out.is_dir():
-            out.rmdir()  # empty (refused otherwise); rmdir fails if someone filled it meanwhile
-        os.replace(tmp, out)
+        refuse_existing(out)  # someone may have created it meanwhile: never replace it
+        os.rename(tmp, out)
         fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,16 +156,22 @@ def write_json(path: Path, obj: Any) -> str:
 
 
 def side_files(root: Path, skip: set[str] = frozenset()) -> list[str]:
-    """Names of the files of `root` that the side-file rule copies (sorted)."""
+    """Names of the files of `root` that travel with an output (sorted).
+
+    Skipped: hidden files, weights and weight indexes, sub-folders, files over
+    `SIDE_FILE_MAX_BYTES`. Refused (`MergeError` naming the file): any other entry that
+    the folder rule refuses, i.e. a symbolic link leaving the folder (a tokenizer config
+    pointing at /etc/shadow), a FIFO, a device. A hostile folder is an error, not a
+    silently thinner output.
+    """
     out = []
     for p in sorted(Path(root).iterdir()):
         name = p.name
         if name in skip or name.startswith(".") or is_weight_or_index(name):
             continue
-        try:
-            real = member(root, name)
-        except MergeError:
-            continue  # a directory, a device, a symlink leaving the folder: never copied
+        if p.is_dir() and not p.is_symlink():
+            continue
+        real = member(root, name)
         if real.stat().st_size > SIDE_FILE_MAX_BYTES:
             continue
         out.append(name)
@@ -174,7 +187,7 @@ def copy_side_files(root: Path, dest: Path, config_edits: dict[str, Any] | None 
     """
     digests: dict[str, str] = {}
     for name in side_files(root, skip):
-        data = member(root, name).read_bytes()
+        data = read_capped(member(root, name), SIDE_FILE_MAX_BYTES, MergeError, "side file")
         if name == CONFIG_NAME and config_edits:
             data = _edit_config(data, config_edits)
         digests[name] = write_file(dest / name, data)

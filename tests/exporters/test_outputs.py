@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from exporters.outputs import (
 from exporters.safetensors_out import SafetensorsFolderWriter, merge_folder
 from mora_core.adapter import load_adapter
 from mora_core.checkpoint import open_checkpoint
+from mora_core.errors import MergeError
 from mora_core.merge import plan_merge, stream_merge
 from mora_core.safetensors_io import PlannedTensor
 from tests.builders import read_folder, write_mora_adapter, write_tensor_base
@@ -52,10 +54,20 @@ def test_existing_output_is_refused_and_kept(tmp_path):
         with pytest.raises(ExportError, match="already exists"), staged_output(p):
             pass
     assert (tmp_path / "full" / "keep").read_text() == "mine"
-    (tmp_path / "empty").mkdir()
-    with staged_output(tmp_path / "empty") as tmp:
+    (tmp_path / "empty").mkdir()  # an empty folder is an existing path too (one rule, every output)
+    with pytest.raises(ExportError, match="already exists"), staged_output(tmp_path / "empty"):
+        pass
+    assert list((tmp_path / "empty").iterdir()) == []
+    with staged_output(tmp_path / "new") as tmp:
         (tmp / "x").write_text("1")
-    assert (tmp_path / "empty" / "x").is_file()
+    assert (tmp_path / "new" / "x").is_file()
+
+
+def test_output_created_meanwhile_is_not_replaced(tmp_path):
+    with pytest.raises(ExportError, match="already exists"), staged_output(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("1")
+        (tmp_path / "out").mkdir()  # someone else's folder appears during the work
+    assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_one_side_file_rule(tmp_path):
@@ -67,12 +79,34 @@ def test_one_side_file_rule(tmp_path):
                  "model.onnx", "model.onnx.data", ".hidden"):
         (base / name).write_text("w")
     (tmp_path / "secret.txt").write_text("s")
-    (base / "leak.txt").symlink_to(tmp_path / "secret.txt")
     (base / "inside.txt").symlink_to("tokenizer.json")
     (base / "sub").mkdir()
     with open(base / "huge.txt", "wb") as fh:
         fh.truncate(SIDE_FILE_MAX_BYTES + 1)
     assert side_files(base) == ["config.json", "generation_config.json", "inside.txt", "tokenizer.json"]
+    # a link leaving the folder, or a FIFO, is an error naming it (not a silently thinner output)
+    (base / "tokenizer_config.json").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(MergeError, match="tokenizer_config.json: a symbolic link leaving the folder"):
+        side_files(base)
+    (base / "tokenizer_config.json").unlink()
+    os.mkfifo(base / "special_tokens_map.json")
+    with pytest.raises(MergeError, match="special_tokens_map.json: not a regular file"):
+        side_files(base)
+
+
+def test_hugging_face_cache_snapshot_links_are_followed(tmp_path):
+    """A snapshot's files are links to ../../blobs/<hash>: inside the repository, so allowed."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "h1").write_text("{}")
+    (snap / "config.json").symlink_to("../../blobs/h1")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    assert side_files(snap) == ["config.json"]
+    (snap / "tokenizer.json").symlink_to("../../../elsewhere.json")
+    with pytest.raises(MergeError, match="leaving the folder"):
+        side_files(snap)
 
 
 def test_side_files_are_hashed_as_written_and_config_edited(tmp_path):
