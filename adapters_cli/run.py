@@ -38,20 +38,34 @@ def run(model: Path, text: str | None, ids: str | None, provider: str, top_k: in
 
 
 def _graph_path(model: Path) -> tuple[Path, dict[str, Any]]:
-    from exporters.onnx_layout import GRAPH_NAME, RECIPE_NAME
+    """The graph to load and the export's recipe, read under the folder rule.
 
-    if model.is_file() and model.suffix == ".onnx":
-        return model, {}
-    graph = model / GRAPH_NAME
-    if not graph.is_file():
-        raise UserError(f"{model}: no {GRAPH_NAME} here (give an `adapters merge --to onnx` output folder)")
-    recipe_path = model / RECIPE_NAME
+    `model` is an export folder (or a `.onnx` file in one). The graph, its external data
+    and `export.json` are read only if they are regular files inside that folder (no
+    symbolic link leaving it, no FIFO); the recipe goes through the strict JSON reader.
+    """
+    from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
+    from mora_core.checkpoint import member
+    from mora_core.safe_io import read_json
+
+    if model.suffix == ".onnx" and not model.is_dir():
+        folder, name = model.parent, model.name
+    elif model.is_dir():
+        folder, name = model, GRAPH_NAME
+        if not (folder / name).exists() and not (folder / name).is_symlink():
+            raise UserError(f"{model}: no {GRAPH_NAME} here (give an `adapters merge --to onnx` output folder)")
+    else:
+        raise UserError(f"{model}: no such folder (give an `adapters merge --to onnx` output folder)")
+    graph = member(folder, name)
+    if (folder / DATA_NAME).exists() or (folder / DATA_NAME).is_symlink():
+        member(folder, DATA_NAME)
     recipe: dict[str, Any] = {}
-    if recipe_path.is_file():
-        try:
-            recipe = json.loads(recipe_path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{recipe_path}: not valid JSON") from None
+    if (folder / RECIPE_NAME).exists() or (folder / RECIPE_NAME).is_symlink():
+        member(folder, RECIPE_NAME)
+        loaded = read_json(folder / RECIPE_NAME, what="export recipe")
+        if not isinstance(loaded, dict):
+            raise UserError(f"{folder / RECIPE_NAME}: not a JSON object")
+        recipe = loaded
     return graph, recipe
 
 
@@ -60,8 +74,8 @@ def _parse_ids(text: str) -> list[int]:
         out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
         raise UserError(f"--ids {text!r}: expected comma-separated integers like 1,2,3") from None
-    if not out or any(i < 0 for i in out):
-        raise UserError(f"--ids {text!r}: give at least one non-negative token id")
+    if not out or any(not 0 <= i < 2**63 for i in out):
+        raise UserError(f"--ids {text[:80]!r}: give at least one token id, each from 0 to 2**63-1")
     return out
 
 
@@ -74,7 +88,10 @@ class _Tokenizer:
 
 def _tokenizer(folder: Path, allow_transformers: bool) -> _Tokenizer | None:
     path = folder / "tokenizer.json"
-    if path.is_file():
+    if path.exists() or path.is_symlink():
+        from mora_core.checkpoint import member
+
+        path = member(folder, "tokenizer.json")  # the folder rule: no link out, no FIFO
         try:
             from tokenizers import Tokenizer
 

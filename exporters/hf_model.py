@@ -9,6 +9,7 @@ whose export and validation are tested are accepted; anything else is an
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,25 +29,66 @@ OUTPUT_NAME = {"causal-lm": "logits", "encoder": "last_hidden_state"}
 PADDING_SIDE = {"causal-lm": "left", "encoder": "right"}
 
 
-def load_config(base_dir: Path):
-    """The base's transformers config; `ExportError` when missing or not a supported type."""
-    from transformers import AutoConfig
+def load_config(base: Checkpoint):
+    """The base's transformers config; `ExportError` when missing or not a supported type.
 
-    path = Path(base_dir) / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{path}: not found (the ONNX export builds the architecture from config.json)")
+    Built from the `config.json` the checkpoint already read (once, under the folder rule,
+    by the strict JSON reader) and handed to transformers as a dict: transformers' own
+    reader would recurse on a document nested 200,000 deep.
+    """
+    from transformers import CONFIG_MAPPING
+
+    path = base.root / "config.json"
+    raw = base.config
+    if not raw:
+        raise ExportError(f"{path}: not found or empty (the ONNX export builds the architecture from config.json)")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:
+        arch = ", ".join(a for a in raw.get("architectures") or [] if isinstance(a, str)) or model_type
+        raise ExportError(f"{path}: architecture {str(arch)[:80]} (model_type {str(model_type)[:40]!r}) cannot be "
+                          f"exported to ONNX here; supported: {', '.join(sorted(SUPPORTED))}")
     try:
-        config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ExportError(f"{path}: not a transformers config this version understands "
-                          f"({str(exc).splitlines()[0][:160]})") from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
-        arch = ", ".join(getattr(config, "architectures", None) or []) or model_type
-        raise ExportError(f"{path}: architecture {arch} (model_type {model_type!r}) cannot be exported to "
-                          f"ONNX here; supported: {', '.join(sorted(SUPPORTED))}")
+        config = CONFIG_MAPPING[model_type].from_dict(raw)
+    except Exception as exc:  # transformers validates fields with ValueError, TypeError, KeyError...
+        raise ExportError(f"{path}: not a {model_type} config this transformers understands "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     config.use_cache = False
     return config
+
+
+def check_architecture(config, shapes: Mapping[str, tuple[int, ...]], where: Path) -> None:
+    """Refuse a config.json that does not describe the weights, *before* the model is built.
+
+    A config claiming 100,000 layers (or a hidden size of a million) would otherwise be
+    allocated in full by `from_config` (23 GB before the kernel killed it). First a bound
+    that costs nothing (each layer has at least one tensor), then the architecture is
+    built on the `meta` device (shapes only, no memory) and every parameter's shape is
+    compared with the checkpoint's tensor of the same name.
+    """
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 0 < layers <= len(shapes):
+        raise ExportError(f"{where}: num_hidden_layers {layers} in config.json, but the weights hold "
+                          f"{len(shapes)} tensors; config.json does not describe these weights")
+    with torch.device("meta"):
+        model = build_model(copy.deepcopy(config))
+    state = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    resolver = NameResolver(list(state))
+    seen = set()
+    for name, shape in shapes.items():
+        target = resolver.resolve(name)
+        if target is None:
+            continue
+        if tuple(shape) != state[target]:
+            raise ExportError(f"{where}: tensor {name} is {list(shape)} but the architecture in config.json "
+                              f"expects {list(state[target])} for {target}")
+        seen.add(target)
+    tied = tied_output(model)
+    missing = sorted(n for n in params if n not in seen and not (n in tied and tied[n] in seen))
+    if missing:
+        raise ExportError(f"{where}: the weights have no tensor for {missing[0]}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                          + "; does config.json match the safetensors files?")
 
 
 def task_of(config) -> str:

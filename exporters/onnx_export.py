@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
-from exporters.hf_model import OUTPUT_NAME, load_config, task_of
+from exporters.hf_model import OUTPUT_NAME, check_architecture, load_config, task_of
 from exporters.memory import shortfall
 from exporters.model_build import BaseValues, DeferredModel, merged_model
 from exporters.onnx_graph import (
@@ -99,8 +99,9 @@ def export_merged_onnx(
     weights = [float(w) for w in weights] if weights is not None else [1.0] * len(adapters)
     _check_arguments(adapters, weights, out_dir, dtype, accumulate, opset)
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
-    config = load_config(base_dir)
     checkpoint = open_checkpoint(base_dir)
+    config = load_config(checkpoint)
+    check_architecture(config, checkpoint.shapes, checkpoint.root / "config.json")  # before any allocation
     task = task_of(config)
     chosen = choose_provider(provider) if validate else None  # before the slow part
 

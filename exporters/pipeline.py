@@ -80,8 +80,13 @@ class MergeOptions:
         return list(self.weights) if self.weights else [1.0] * len(self.adapters)
 
     def check(self, *, output: bool = True) -> None:
-        """Raise `ExportError` naming the first bad option; touches nothing. `output`: also
-        refuse an existing output (`check_output`)."""
+        """Raise `ExportError` naming the first bad option; touches nothing, reads no file.
+
+        Every numeric option goes through `check_number` (finite, in range, of the right
+        type), so `--weight nan`, `--atol -1` or `--max-shard-size 0` are refused here,
+        before any adapter is read or any export starts. `output`: also refuse an
+        existing output (`check_output`).
+        """
         if not self.adapters:
             raise ExportError("no adapters given")
         if self.target not in TARGETS:
@@ -89,29 +94,50 @@ class MergeOptions:
         if self.weights and len(self.weights) != len(self.adapters):
             raise ExportError(f"{len(self.adapters)} adapters but {len(self.weights)} --weight values "
                               "(give none or one each)")
+        # a weight multiplies dW in the accumulation dtype: it must be representable there
+        limit = FLOAT32_MAX if self.accumulate == "float32" else None
         for w in self.weight_list():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ExportError(f"--weight {w!r}: a finite number is needed")
+            check_number("--weight", w, lo=None if limit is None else -limit, hi=limit,
+                         why=f"the weight must fit the {self.accumulate} accumulation")
         allowed = ONNX_DTYPES if self.target == "onnx" else DTYPES
         if self.dtype not in allowed:
             raise ExportError(f"--dtype {self.dtype} is not supported for {self.target} "
                               f"({', '.join(allowed)})")
         if self.accumulate not in ACCUMULATE:
             raise ExportError(f"--accumulate {self.accumulate!r}: expected one of {', '.join(ACCUMULATE)}")
-        if self.max_shard_bytes is not None and self.max_shard_bytes < 1:
-            raise ExportError(f"--max-shard-size {self.max_shard_bytes}: must be positive")
+        if self.max_shard_bytes is not None:
+            check_number("--max-shard-size", self.max_shard_bytes, lo=1, hi=2**62, integer=True)
+        if self.opset is not None:
+            check_number("--opset", self.opset, lo=1, hi=1000, integer=True)
         for name in ("atol", "rtol"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise ExportError(f"--{name} {v}: a finite, non-negative number is needed")
+            if getattr(self, name) is not None:
+                check_number(f"--{name}", getattr(self, name), lo=0)
         if output:
             self.check_output()
 
     def check_output(self) -> None:
-        """`ExportError` if the output exists (and is not an empty folder) unless it is to be replaced."""
+        """`ExportError` if anything exists at the output (an empty folder too) unless it is to be replaced."""
         out = Path(self.out_dir)
-        if not self.replace_output and out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ExportError(f"{out}: output already exists; choose another -o or remove it")
+        if not self.replace_output and (out.exists() or out.is_symlink()):
+            raise ExportError(f"{out}: already exists (an empty folder too); give a new path: "
+                              "the output appears there, complete, in one rename")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_number(option: str, value: Any, lo: float | None = None, hi: float | None = None,
+                 integer: bool = False, why: str = "") -> None:
+    """The one validator of numeric options: a finite number (an integer if asked) in [lo, hi]."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    bounds = (lo is None or value >= lo) and (hi is None or value <= hi) if ok else False
+    if not ok or not bounds:
+        what = "an integer" if integer else "a finite number"
+        fmt = (lambda v: str(v)) if integer else (lambda v: f"{v:g}")
+        rng = (f" between {fmt(lo)} and {fmt(hi)}" if lo is not None and hi is not None
+               else f" >= {fmt(lo)}" if lo is not None else f" <= {fmt(hi)}" if hi is not None else "")
+        raise ExportError(f"{option} {value!r}: {what}{rng} is needed" + (f" ({why})" if why else ""))
 
     @property
     def registers(self) -> bool:
