@@ -30,8 +30,9 @@ def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None
     """Write the version's PEFT folder to `out` (default ./<name>-<N>), verifying every digest."""
     info = checked(refs.resolve(db, ref))
     dest = Path(out) if out is not None else Path.cwd() / f"{info.name.replace('/', '_')}-{info.number}"
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise RegistryError(f"{dest}: already exists and is not an empty folder")
+    if dest.exists() or dest.is_symlink():  # every output: a new path, never an existing one
+        raise RegistryError(f"{dest}: already exists (an empty folder too); give a new path: "
+                            "the folder appears there, complete, in one rename")
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_folder(blobs, info, dest, progress)
     audit.record(db, "pull", info.ref, {"digest": info.digest, "to": str(dest.resolve())}, name=info.name)

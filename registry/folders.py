@@ -53,6 +53,26 @@ def inspect_adapter(folder: Path) -> dict[str, Any]:
     return adapter.summary()
 
 
+def check_fits_base(folder: Path, base_dir: str | Path) -> None:
+    """Refuse a push whose adapter cannot be merged into the base given with `--base`.
+
+    The same check a merge makes before writing (every module resolves to one base
+    tensor of a fitting shape), made at push time: recorded digests of a base the
+    adapter cannot fit would later make every merge suggest `--allow-base-mismatch`,
+    which cannot help.
+    """
+    from mora_core.adapter import load_adapter
+    from mora_core.checkpoint import open_checkpoint
+    from mora_core.errors import MoraCoreError
+    from mora_core.plan import build_plan
+
+    try:
+        base = open_checkpoint(base_dir)
+        build_plan(base.shapes, [load_adapter(folder)], [1.0], base.tied)
+    except MoraCoreError as exc:
+        raise RegistryError(f"--base {base_dir}: the adapter does not fit this base model ({exc})") from None
+
+
 def base_weight_files(base_dir: str | Path) -> list[Path]:
     """The weight files at the top of a base model folder, sorted (what a base digest covers)."""
     base = Path(base_dir)

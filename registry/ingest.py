@@ -30,7 +30,7 @@ from registry.digests import canonical, manifest_digest
 from registry.errors import RegistryError
 from registry.faults import fault_point
 from registry.file_digests import file_digests
-from registry.folders import adapter_files, base_weight_files, inspect_adapter
+from registry.folders import adapter_files, base_weight_files, check_fits_base, inspect_adapter
 from registry.info import VersionInfo
 from registry.models import Blob, Name, Version, VersionFile, VersionMeta
 from registry.names import check_alias, check_name, check_text, parse_meta, version_ref
@@ -63,7 +63,10 @@ def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_
     for f in files:
         check_file_name(f.name, f"{folder}: file name")
     parent_info = refs.resolve(db, parent) if parent else None
-    base_files = file_digests(db, base_weight_files(base_dir)) if base_dir is not None else None
+    base_files = None
+    if base_dir is not None:
+        check_fits_base(folder, base_dir)  # digests of a base the adapter cannot fit would only mislead
+        base_files = file_digests(db, base_weight_files(base_dir))
     if parent_info is not None and base_model is None:  # derived on the parent's base
         base_model, base_revision = parent_info.base_model, base_revision or parent_info.base_revision
         if base_files is None:
