@@ -30,7 +30,7 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 @click.option("--to", "target", required=True, type=click.Choice(["safetensors", "onnx"]),
               help="Output format.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output folder (must not exist yet; appears only when complete).")
+              help="Output folder: a new path (an existing empty folder is refused too); appears only when complete.")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight per adapter, in order (default 1.0 each): W' = W + sum w_i dW_i.")
 @click.option("--dtype", default="auto", type=click.Choice(DTYPE_CHOICES),

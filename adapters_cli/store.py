@@ -86,7 +86,8 @@ def push(folder: str, name: str, base_model: str | None, base_revision: str | No
 
 @click.command("pull")
 @click.argument("ref", shell_complete=complete_ref)
-@click.option("-o", "--output", type=click.Path(), help="Output folder (default ./<name>-<N>).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Output folder (default ./<name>-<N>); must not exist yet (an empty folder neither).")
 @store_options
 @command
 def pull(ref: str, output: str | None, home: str | None, db_url: str | None, as_json: bool) -> None:

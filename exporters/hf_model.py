@@ -10,12 +10,15 @@ whose export and validation are tested are accepted; anything else is an
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from exporters.errors import ExportError
+from mora_core.checkpoint import Checkpoint, read_model_config
+from mora_core.plan import NameResolver
 
 # model_type -> task ("causal-lm": logits; "encoder": last_hidden_state)
 SUPPORTED: dict[str, str] = {
@@ -29,17 +32,18 @@ OUTPUT_NAME = {"causal-lm": "logits", "encoder": "last_hidden_state"}
 PADDING_SIDE = {"causal-lm": "left", "encoder": "right"}
 
 
-def load_config(base: Checkpoint):
+def load_config(base: Checkpoint | str | os.PathLike[str]):
     """The base's transformers config; `ExportError` when missing or not a supported type.
 
-    Built from the `config.json` the checkpoint already read (once, under the folder rule,
-    by the strict JSON reader) and handed to transformers as a dict: transformers' own
-    reader would recurse on a document nested 200,000 deep.
+    Built from the `config.json` a `Checkpoint` already read (or, given a folder, read now)
+    under the folder rule by the strict JSON reader, and handed to transformers as a dict:
+    transformers' own reader would recurse on a document nested 200,000 deep.
     """
     from transformers import CONFIG_MAPPING
 
-    path = base.root / "config.json"
-    raw = base.config
+    root = base.root if isinstance(base, Checkpoint) else Path(base)
+    path = root / "config.json"
+    raw = base.config if isinstance(base, Checkpoint) else read_model_config(root)
     if not raw:
         raise ExportError(f"{path}: not found or empty (the ONNX export builds the architecture from config.json)")
     model_type = raw.get("model_type")

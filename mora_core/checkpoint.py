@@ -160,10 +160,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if root.suffix != ".safetensors":
             raise MergeError(f"{root}: only safetensors weights are read (no pickle checkpoints)")
         folder = root.parent
-        return Checkpoint(folder, [_open_file(folder, root.name)], _read_config(folder))
+        return Checkpoint(folder, [_open_file(folder, root.name)], read_model_config(folder))
     if not root.is_dir():
         raise MergeError(f"{root}: base model not found")
-    config = _read_config(root)
+    config = read_model_config(root)
     if (root / INDEX_NAME).exists() or (root / INDEX_NAME).is_symlink():
         weight_map = _read_index(root)
         files = [_open_file(root, n) for n in sorted(set(weight_map.values()))]
@@ -203,7 +203,8 @@ def _read_index(root: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_config(root: Path) -> dict[str, Any]:
+def read_model_config(root: Path) -> dict[str, Any]:
+    """A model folder's `config.json` as a dict ({} when absent): the folder rule, then the strict reader."""
     path = root / CONFIG_NAME
     if not path.exists() and not path.is_symlink():
         return {}
