@@ -18,7 +18,6 @@ names the plan, the job and the field.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +96,9 @@ def _read(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanError(f"{path}: cannot be read ({exc})") from None
     if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise PlanError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        from mora_core.safe_io import parse_json
+
+        return parse_json(text, path, PlanError)  # the one strict JSON reader
     import yaml
 
     try:

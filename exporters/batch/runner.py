@@ -136,7 +136,7 @@ def _claim(registry: Any, job: Job, key: str, owner: str) -> JobReport | str:
     if claim.status == "busy":
         return "busy"
     out = job.output
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and registry.batch_output(output) is None:
+    if (out.exists() or out.is_symlink()) and registry.batch_output(output) is None:  # an empty folder too
         error = f"{out}: output exists and was not written by adapters batch; remove it or choose another output"
         registry.finish_job(key, owner, None, error)
         return JobReport(job.name, key, output, "failed", error=error)
