@@ -172,10 +172,20 @@ def test_materialize_is_cached_and_reverified(reg, make_adapter):
     assert load_adapter(p2).kind == "lora"
 
 
-def _base(folder: Path, content: bytes = b"w" * 100) -> Path:
+def _base(folder: Path, seed: int = 0) -> Path:
+    """A two-shard base the `write_adapter` LoRAs fit (q_proj 16x16 in layers 0 and 1): push --base checks that."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model-00001-of-00002.safetensors").write_bytes(content)
-    (folder / "model-00002-of-00002.safetensors").write_bytes(b"second")
+    rng = np.random.default_rng(seed)
+    first = {f"model.layers.{i}.self_attn.q_proj.weight": rng.standard_normal((16, 16)).astype(np.float32)
+             for i in range(2)}
+    save_file(first, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({"model.norm.weight": np.ones(16, np.float32)}, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {**dict.fromkeys(first, "model-00001-of-00002.safetensors"),
+                  "model.norm.weight": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (folder / "config.json").write_text("{}")
     return folder
 
@@ -186,7 +196,7 @@ def test_base_digests_recorded_and_checked(reg, make_adapter, tmp_path):
     info = reg.resolve(v.ref)
     assert set(info.base_files) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     assert reg.check_base("x", base) == []
-    other = _base(tmp_path / "other", b"v" * 100)
+    other = _base(tmp_path / "other", seed=1)
     problems = reg.check_base("x", other)
     assert len(problems) == 1 and "model-00001-of-00002.safetensors" in problems[0]
     # nothing recorded: nothing to compare
@@ -194,6 +204,16 @@ def test_base_digests_recorded_and_checked(reg, make_adapter, tmp_path):
     assert reg.check_base("y", other) == []
     with pytest.raises(RegistryError, match="no weight files"):
         reg.push(make_adapter("c", seed=6), "z", base_dir=tmp_path / "src")
+
+
+def test_push_refuses_a_base_the_adapter_cannot_fit(reg, make_adapter, tmp_path, registry_home):
+    """Digests of a base the adapter cannot be merged into would make every later merge fail."""
+    before = store_snapshot(registry_home, reg)
+    with pytest.raises(RegistryError, match=r"does not fit this base model .*q_proj"):
+        reg.push(make_adapter("a", dim=24), "x", base_dir=_base(tmp_path / "base"))
+    with pytest.raises(RegistryError, match=r"does not fit this base model .*matches no tensor"):
+        reg.push(make_adapter("b", modules=3), "x", base_dir=_base(tmp_path / "base"))
+    assert store_snapshot(registry_home, reg) == before
 
 
 def test_artifacts_lineage_and_verify(reg, make_adapter, tmp_path):
