@@ -119,22 +119,26 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_no_consta
 
 
 def parse_json(raw: bytes | str, where: str | os.PathLike[str], error_cls: type[Exception] = MoraCoreError,
-               max_depth: int = MAX_DEPTH) -> Any:
-    """Decode one strict JSON document (see the module docstring); `error_cls` naming `where`."""
+               max_depth: int = MAX_DEPTH, part: str = "") -> Any:
+    """Decode one strict JSON document (see the module docstring); `error_cls` naming `where`.
+
+    `part` names the JSON part of a larger file ("header": `<file>: header is not valid JSON`).
+    """
+    where = f"{where}: {part}" if part else f"{where}:"
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
-        raise error_cls(f"{where}: is not valid JSON (not UTF-8 text)") from None
+        raise error_cls(f"{where} is not valid JSON (not UTF-8 text)") from None
     if _depth_exceeds(text, max_depth):
-        raise error_cls(f"{where}: is not valid JSON here (nested deeper than {max_depth} levels)")
+        raise error_cls(f"{where} is not valid JSON here (nested deeper than {max_depth} levels)")
     try:
         return _DECODER.decode(text)
     except _Refused as exc:
-        raise error_cls(f"{where}: is not valid JSON here ({exc})") from None
+        raise error_cls(f"{where} is not valid JSON here ({exc})") from None
     except json.JSONDecodeError as exc:
-        raise error_cls(f"{where}: is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise error_cls(f"{where} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     except (ValueError, RecursionError) as exc:
-        raise error_cls(f"{where}: is not valid JSON ({str(exc).splitlines()[0][:100]})") from None
+        raise error_cls(f"{where} is not valid JSON ({str(exc).splitlines()[0][:100]})") from None
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)

@@ -122,7 +122,7 @@ class SafetensorsFile:
             raise error_cls(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         if raw.count(b'"data_offsets"') > MAX_TENSORS:
             self._fail(f"header lists more than {MAX_TENSORS} tensors; refused")
-        header = parse_json(raw, f"{self.path}: header", error_cls, max_depth=4)
+        header = parse_json(raw, self.path, error_cls, max_depth=4, part="header")
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

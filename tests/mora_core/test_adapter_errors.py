@@ -83,7 +83,7 @@ def test_corrupted_header(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[10:20] = b"\xff" * 10
     f.write_bytes(bytes(raw))
-    expect_error(p, r"adapter_model.safetensors: header: is not valid JSON")
+    expect_error(p, r"adapter_model.safetensors: header is not valid JSON")
 
 
 def test_header_claiming_gigabytes(tmp_path):
