@@ -99,8 +99,8 @@ def export_merged_onnx(
     weights = [float(w) for w in weights] if weights is not None else [1.0] * len(adapters)
     _check_arguments(adapters, weights, out_dir, dtype, accumulate, opset)
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
+    config = load_config(base_dir)  # first: a folder without config.json is named as such
     checkpoint = open_checkpoint(base_dir)
-    config = load_config(checkpoint)
     check_architecture(config, checkpoint.shapes, checkpoint.root / "config.json")  # before any allocation
     task = task_of(config)
     chosen = choose_provider(provider) if validate else None  # before the slow part
