@@ -8,7 +8,6 @@ copied from the base folder; `--ids` needs nothing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
