@@ -65,8 +65,9 @@ def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_
     parent_info = refs.resolve(db, parent) if parent else None
     base_files = None
     if base_dir is not None:
+        weight_files = base_weight_files(base_dir)
         check_fits_base(folder, base_dir)  # digests of a base the adapter cannot fit would only mislead
-        base_files = file_digests(db, base_weight_files(base_dir))
+        base_files = file_digests(db, weight_files)
     if parent_info is not None and base_model is None:  # derived on the parent's base
         base_model, base_revision = parent_info.base_model, base_revision or parent_info.base_revision
         if base_files is None:
