@@ -131,9 +131,19 @@ def test_bad_paths(reg, tmp_path):
         reg.file_digests([tmp_path / "b"])
 
 
+def _fitting_model(folder: Path) -> Path:
+    """model.safetensors with the q_proj matrices `make_adapter` LoRAs fit (push --base checks the fit)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    p = folder / "model.safetensors"
+    save_file({f"model.layers.{i}.self_attn.q_proj.weight": np.zeros((16, 16), np.float32) for i in range(2)}, str(p))
+    return p
+
+
 def test_check_base_and_push_use_the_cache(reg, make_adapter, tmp_path):
     base = tmp_path / "base"
-    files = _files(base)
+    files = _files(base) + [_fitting_model(base)]
     _settle()
     v = reg.push(make_adapter("a"), "x", base_model="tiny", base_dir=base)
     assert reg.resolve(v.ref).base_files == {p.name: _sha(p) for p in files}
