@@ -122,6 +122,11 @@ class MergeOptions:
             raise ExportError(f"{out}: already exists (an empty folder too); give a new path: "
                               "the output appears there, complete, in one rename")
 
+    @property
+    def registers(self) -> bool:
+        """Whether the output is recorded as an artifact (ONNX: only when validated)."""
+        return self.register and (self.target == "safetensors" or self.validate)
+
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -138,11 +143,6 @@ def check_number(option: str, value: Any, lo: float | None = None, hi: float | N
         rng = (f" between {fmt(lo)} and {fmt(hi)}" if lo is not None and hi is not None
                else f" >= {fmt(lo)}" if lo is not None else f" <= {fmt(hi)}" if hi is not None else "")
         raise ExportError(f"{option} {value!r}: {what}{rng} is needed" + (f" ({why})" if why else ""))
-
-    @property
-    def registers(self) -> bool:
-        """Whether the output is recorded as an artifact (ONNX: only when validated)."""
-        return self.register and (self.target == "safetensors" or self.validate)
 
 
 def run_merge(opts: MergeOptions) -> dict[str, Any]:
