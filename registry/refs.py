@@ -45,11 +45,11 @@ def name_row(s: Session, name: str) -> Name:
     return nm
 
 
-def unknown_alias(s: Session, nm: Name, alias: str, text: str) -> RegistryError:
-    """The error for a missing alias of `nm`, naming the closest existing one."""
+def unknown_alias(s: Session, nm: Name, alias: str, shown: str) -> RegistryError:
+    """`unknown alias SHOWN`, naming the closest existing alias of `nm`."""
     known = list(s.scalars(select(Alias.alias).where(Alias.name_id == nm.id)))
     close = did_you_mean(alias, known)
-    return RegistryError(f"unknown alias {text!r}" + (close.replace("mean ", f"mean {nm.name}@") if close else ""))
+    return RegistryError(f"unknown alias {shown}" + (close.replace("mean ", f"mean {nm.name}@") if close else ""))
 
 
 def version_row(s: Session, ref: str | Ref) -> Version:
@@ -67,7 +67,7 @@ def version_row(s: Session, ref: str | Ref) -> Version:
     if r.alias is not None:
         a = s.get(Alias, (nm.id, r.alias))
         if a is None:
-            raise unknown_alias(s, nm, r.alias, text)
+            raise unknown_alias(s, nm, r.alias, repr(text))
         return a.version
     if r.digest_prefix is not None:
         return one_by_digest(
