@@ -1,4 +1,4 @@
-"""Adapter arguments of `adapters merge`, and registering what it produced.
+"""Adapter arguments of `adapters merge` (registering the output is `exporters.recipe`).
 
 An argument is a local PEFT folder when such a folder exists, otherwise a registry
 reference, materialised (digest-verified) from the store. A reference pushed with
@@ -9,7 +9,6 @@ unless the user allows it.
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 from exporters.errors import ExportError
 from mora_core.adapter import Adapter, load_adapter
 from mora_core.errors import MergeError
-from registry.blobs import hash_file
 
 
 @dataclass
@@ -78,55 +76,3 @@ def _is_ref(parse_ref: Callable[[str], Any], arg: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("adapter-registry", "torch", "safetensors", "transformers", "onnx", "onnxruntime-gpu",
-                "onnxruntime", "onnxscript"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
-                    resolved: list[ResolvedAdapter], weights: list[float], dtype: str, accumulate: str,
-                    summary: dict[str, Any], output: int | None = None) -> dict[str, Any]:
-    """Record the output as an artifact whose lineage points at every input version
-    (`output`: the pending-output token, completed in the same transaction)."""
-    from mora_core.checkpoint import open_checkpoint
-
-    base = open_checkpoint(base_dir)
-    cfg = base.config
-    recipe = {
-        "kind": kind,
-        "base": {
-            "path": str(Path(base_dir).resolve()),
-            "model_type": cfg.get("model_type"),
-            "architectures": cfg.get("architectures"),
-            "name_or_path": cfg.get("_name_or_path"),
-            "files": {f.path.name: hash_file(f.path)[0] for f in base.files},
-        },
-        "adapters": [{**r.describe(w), "folder_digest": _folder_digest(r.adapter)} for r, w in zip(resolved, weights)],
-        "dtype": dtype,
-        "accumulate": accumulate,
-        "tools": tool_versions(),
-    }
-    for key in ("opset", "untied", "export"):
-        if key in summary:
-            recipe[key] = summary[key]
-    inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]
-    info = registry.register_artifact(kind=kind, path=out_dir, recipe=recipe, inputs=inputs, output=output,
-                                      report=summary.get("validation"))
-    return info.to_dict()
-
-
-def _folder_digest(adapter: Adapter) -> str | None:
-    if adapter.path is None:
-        return None
-    p = Path(adapter.path) / "adapter_model.safetensors"
-    return hash_file(p)[0] if p.is_file() else None

@@ -54,7 +54,7 @@ from exporters.providers import choose_provider
 from exporters.quantize import quantize_int4
 from exporters.validate import tolerances
 from mora_core.adapter import Adapter
-from mora_core.checkpoint import open_checkpoint
+from mora_core.checkpoint import Checkpoint, open_checkpoint
 from registry.blobs import hash_file
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
@@ -83,6 +83,7 @@ def export_merged_onnx(
     accumulate: str = "float32",
     progress: ProgressFn | None = None,
     external_data: bool | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Merge `adapters` (with `weights`) into the model at `base_dir`, export and validate it.
 
@@ -100,7 +101,7 @@ def export_merged_onnx(
     _check_arguments(adapters, weights, out_dir, dtype, accumulate, opset)
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
     config = load_config(base_dir)  # first: a folder without config.json is named as such
-    checkpoint = open_checkpoint(base_dir)
+    checkpoint = checkpoint if checkpoint is not None else open_checkpoint(base_dir)
     check_architecture(config, checkpoint.shapes, checkpoint.root / "config.json")  # before any allocation
     task = task_of(config)
     chosen = choose_provider(provider) if validate else None  # before the slow part
@@ -197,7 +198,7 @@ def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], 
             dtype: str, accumulate: str, opset: int, untied: dict[str, str], ignored: list[str],
             validation: dict[str, Any] | None, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
     """export.json: how this graph was made, enough to make it again and to check it."""
-    from exporters.inputs import tool_versions
+    from exporters.recipe import tool_versions
 
     files = {}
     for name in (GRAPH_NAME, DATA_NAME):

@@ -9,7 +9,8 @@ One module for the rules every output follows, whatever its format:
   the folder is renamed into place, and the parent folder fsynced; any exception
   removes the temporary folder and leaves nothing at the target. The writer holds an
   flock on that folder, so the next run removes partial folders of killed writers
-  (`remove_abandoned_partials`) and never a live one's;
+  (`remove_abandoned_partials`) and never a live one's; `replace_folder` swaps
+  a complete new folder in for an existing one (batch re-runs);
 - `copy_side_files`: the base's small files (config.json, tokenizer and generation
   files) travel with the output under ONE rule: the folder rule of
   `mora_core.checkpoint.member` (regular files, no symlink leaving the folder: such an
@@ -139,6 +140,24 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Replace the folder `final` by the complete folder `new` (a batch job re-run).
+
+    Two renames on one file system: `final` steps aside, `new` takes its name (put back on
+    failure), then the old folder is removed and the parent fsynced. A reader sees the old
+    folder or the new one, or for an instant no folder, never a mix.
+    """
+    old = final.parent / f".{final.name}.replaced-{os.getpid()}"
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_file(path: Path, data: bytes) -> str:

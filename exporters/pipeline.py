@@ -150,12 +150,16 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     started = time.perf_counter()
     opts.check(output=False)
     weights = opts.weight_list()
-    from exporters.inputs import register_output, resolve_adapters
+    from exporters.inputs import resolve_adapters
+    from exporters.outputs import replace_folder
+    from exporters.recipe import BaseDigests, register_output
+    from mora_core.checkpoint import open_checkpoint
 
     final = Path(opts.out_dir)
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
         stack.callback(registry.close)
+        checkpoint = open_checkpoint(opts.base_dir)  # once: merge, export and recipe share it
         resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         reclaimed = _reclaim(registry, final) if opts.registers and not opts.replace_output else []
@@ -168,12 +172,16 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         if opts.registers:  # recorded before the first byte: a kill leaves a known, cleanable output
             token = registry.get(create=True).begin_output(final, opts.target)
             stack.callback(_end_unless_registered, registry, token)
+        base_digests = None
+        if opts.registers:  # hashed (or found in the store's cache) while the merge runs
+            base_digests = BaseDigests(registry.get, checkpoint.paths)
+            stack.callback(base_digests.join)  # before the registry closes (callbacks run last-in first)
         if opts.target == "safetensors":
             from exporters.safetensors_out import merge_folder
 
-            report = merge_folder(opts.base_dir, loaded, build, weights, dtype=opts.dtype,
+            report = merge_folder(checkpoint, loaded, build, weights, dtype=opts.dtype,
                                   accumulate=opts.accumulate, max_shard_bytes=opts.max_shard_bytes,
-                                  progress=opts.progress).to_dict()
+                                  progress=opts.progress, digests=opts.registers).to_dict()
             summary: dict[str, Any] = {"to": "safetensors", **report}
         else:
             from exporters.onnx_export import export_merged_onnx
@@ -182,9 +190,10 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
                 opts.base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
-                accumulate=opts.accumulate, progress=opts.progress)}
+                accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint)}
+        base_files = base_digests.result() if base_digests is not None else {}  # the thread is done with the store
         if replacing:
-            _swap_into_place(build, final)
+            replace_folder(build, final)
             summary["output"] = str(final)
             summary["replaced"] = True
         if token is not None:
@@ -195,7 +204,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         effective_dtype = summary.get("dtype", opts.dtype) if opts.target == "onnx" else opts.dtype
         if opts.registers:
             summary["artifact"] = register_output(
-                registry.get(), opts.target, final, opts.base_dir, resolved, weights,
+                registry.get(), opts.target, final, summary["digests"], checkpoint, base_files, resolved, weights,
                 effective_dtype, opts.accumulate, summary, output=token)
             registry.registered = True
         if reclaimed:
@@ -232,18 +241,6 @@ def _keep_sources_restrictive(out: Path, base_dir: Path, resolved: list) -> None
         if r.adapter.path is not None:
             sources += [p for p in Path(r.adapter.path).iterdir() if p.is_file() and not p.is_symlink()]
     apply_modes(out, mode_of_files(sources))
-
-
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Replace the folder `final` by the complete folder `new`: two renames, the old one then removed."""
-    old = final.parent / f".{final.name}.replaced-{os.getpid()}"
-    os.rename(final, old)
-    try:
-        os.rename(new, final)
-    except BaseException:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_size(text: str | int) -> int:

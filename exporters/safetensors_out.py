@@ -297,7 +297,7 @@ class MergeReport:
     seconds: float
     peak_rss_mb: float
     untied: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # every output file -> sha256 (taken while written)
+    digests: dict[str, str] = field(default_factory=dict)  # every output file -> sha256 (taken while written)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -362,5 +362,5 @@ def merge_folder(
         seconds=round(time.perf_counter() - start, 3),
         peak_rss_mb=round(peak_rss_mb(), 1),
         untied=stats.untied,
-        files=dict(sorted(files.items())),
+        digests=dict(sorted(files.items())),
     )

@@ -34,7 +34,7 @@ def _files(folder: Path, suffixes: tuple[str, ...] | None, registry: Any) -> dic
 
 def job_key(job: Job, registry: Any) -> str:
     """`sha256:<hex>` of the job's inputs (see the module docstring); `registry` resolves references."""
-    from exporters.inputs import tool_versions
+    from exporters.recipe import tool_versions
 
     o = job.options
     adapters = []

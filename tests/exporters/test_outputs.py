@@ -140,8 +140,8 @@ def test_merge_folder_reports_the_digest_of_every_output_file(tmp_path, shards, 
     report = merge_folder(tmp_path / "base", [load_adapter(tmp_path / "a")], tmp_path / "out", dtype=dtype)
     out = tmp_path / "out"
     on_disk = sorted(p.name for p in out.iterdir())
-    assert sorted(report.files) == on_disk
-    assert report.files == {name: sha(out / name) for name in on_disk}  # raw copies and merged tensors alike
+    assert sorted(report.digests) == on_disk
+    assert report.digests == {name: sha(out / name) for name in on_disk}  # raw copies and merged tensors alike
     assert ("model.safetensors.index.json" in on_disk) == (shards > 1)
 
 

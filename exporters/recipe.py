@@ -1,0 +1,133 @@
+"""The recipe of a merge output and its registration as an artifact: every byte read once.
+
+A recipe says how an output was made (base identity and file digests, adapters and
+weights, dtype, accumulation, tool versions, and the exporter's own facts), enough to
+make it again and to check it. Registration records it with lineage edges from every
+registry version that went in.
+
+Nothing here reads a weight file:
+- the output's digests were taken while its files were written (the shard writer, the
+  side-file copier, the ONNX recipe) and are passed to `register_artifact(files=...)`;
+- the base's digests come from `Registry.file_digests`, a cache keyed by file identity
+  (path, size, mtime_ns, inode): the first merge of a base hashes it once, later merges
+  of the same unchanged files hash nothing. `BaseDigests` starts that work in a thread
+  so that a first merge overlaps it (hashlib releases the GIL); the registry handle is
+  only used by that thread while the caller does not use it.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mora_core.adapter import Adapter
+    from mora_core.checkpoint import Checkpoint
+
+TOOL_PACKAGES = ("adapter-registry", "torch", "safetensors", "transformers", "onnx", "onnxruntime-gpu",
+                 "onnxruntime", "onnxscript")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape an output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in TOOL_PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+class BaseDigests:
+    """`registry().file_digests(paths)` computed in a background thread, joined by `result()`.
+
+    `registry` is a callable returning the run's one Registry handle, called in the thread:
+    when nothing opened the store yet (adapters given as folders), opening it (importing
+    SQLAlchemy, checking the schema) overlaps the merge too, whose loop runs mostly
+    outside the GIL (tensor kernels, hashing, writes). Contract: the caller does not use
+    the registry between construction and `join()`/`result()` (a handle is not shared
+    between threads). Errors in the thread are re-raised by `result()`.
+    """
+
+    def __init__(self, registry: Callable[[], Any], paths: Sequence[Path]):
+        self._value: dict[str, str] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(registry, list(paths)),
+                                        name="base-digests", daemon=True)
+        self._thread.start()
+
+    def _run(self, registry: Callable[[], Any], paths: list[Path]) -> None:
+        try:
+            self._value = registry().file_digests(paths)
+        except BaseException as exc:  # handed to the caller's thread
+            self._error = exc
+
+    def join(self) -> None:
+        """Wait for the thread (an error stays for `result()`)."""
+        self._thread.join()
+
+    def result(self) -> dict[str, str]:
+        """The digests, {file name: `sha256:<hex>`}; re-raises the thread's error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self._value or {})
+
+
+def build_recipe(kind: str, checkpoint: Checkpoint, base_digests: dict[str, str], adapters: Sequence[Any],
+                 weights: Sequence[float], dtype: str, accumulate: str,
+                 summary: dict[str, Any], adapter_digests: Sequence[str | None]) -> dict[str, Any]:
+    """The artifact's recipe. `adapters` are `ResolvedAdapter`s (anything with `describe(w)`)."""
+    cfg = checkpoint.config
+    recipe = {
+        "kind": kind,
+        "base": {
+            "path": str(Path(checkpoint.root).resolve()),
+            "model_type": cfg.get("model_type"),
+            "architectures": cfg.get("architectures"),
+            "name_or_path": cfg.get("_name_or_path"),
+            "files": {p.name: base_digests[p.name] for p in checkpoint.paths},
+        },
+        "adapters": [{**r.describe(w), "folder_digest": d} for r, w, d in zip(adapters, weights, adapter_digests)],
+        "dtype": dtype,
+        "accumulate": accumulate,
+        "tools": tool_versions(),
+    }
+    for key in ("opset", "untied", "export"):
+        if key in summary:
+            recipe[key] = summary[key]
+    return recipe
+
+
+def adapter_digest(registry: Any, adapter: Adapter, version: Any | None) -> str | None:
+    """The digest of an adapter's weights file: recorded in the store for a registry
+    version, else from the registry's file-digest cache (folders on disk)."""
+    for f in (getattr(version, "files", None) or []) if version is not None else []:
+        if f.get("path") == ADAPTER_WEIGHTS:
+            return f["digest"]
+    if adapter.path is None:
+        return None
+    p = Path(adapter.path) / ADAPTER_WEIGHTS
+    if not p.is_file():
+        return None
+    return registry.file_digests([p]).get(p.name)
+
+
+def register_output(registry: Any, kind: str, out_dir: Path, files: dict[str, str], checkpoint: Checkpoint,
+                    base_digests: dict[str, str], resolved: Sequence[Any], weights: Sequence[float], dtype: str,
+                    accumulate: str, summary: dict[str, Any], output: int | None = None) -> dict[str, Any]:
+    """Record the output (whose `files` digests were taken while it was written) as an
+    artifact whose lineage points at every registry version that went in."""
+    digests = [adapter_digest(registry, r.adapter, r.version) for r in resolved]
+    recipe = build_recipe(kind, checkpoint, base_digests, resolved, weights, dtype, accumulate, summary, digests)
+    inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]
+    info = registry.register_artifact(kind=kind, path=out_dir, files=files, recipe=recipe, inputs=inputs,
+                                      output=output, report=summary.get("validation"))
+    return info.to_dict()

@@ -1,0 +1,79 @@
+"""Every byte of a merge run read once: the base hashed at most once per run (and not at all
+when merged again), the output never re-read for registration, its recorded digests those
+of the files on disk. The registry's file hasher is wrapped to count what it reads."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporters.pipeline import MergeOptions, run_merge
+from tests.builders import llama_like, mora_shapes, write_mora_adapter, write_tensor_base
+
+
+def sha(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> list[Path]:
+    """Paths the registry hashes (file-digest cache misses and artifact re-hashing)."""
+    import registry.artifacts
+    import registry.file_digests
+    from registry.copying import hash_file
+
+    seen: list[Path] = []
+
+    def counting(path, *args, **kwargs):
+        seen.append(Path(path).resolve())
+        return hash_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(registry.file_digests, "hash_file", counting)
+    monkeypatch.setattr(registry.artifacts, "hash_file", counting)
+    return seen
+
+
+def test_base_hashed_once_then_never_and_output_never(tmp_path, reg, registry_home, db_url, hashed):
+    base = write_tensor_base(tmp_path / "base", llama_like(dtype=torch.bfloat16), shards=3)
+    write_mora_adapter(tmp_path / "a", mora_shapes(), r=8, mora_type=6)
+    time.sleep(0.1)  # files stamped in the last tick are hashed but not cached (git's racy rule)
+    version = reg.push(tmp_path / "a", "team/a", base_model="tiny", base_dir=base)  # hashes the base once
+    shards = sorted(p.resolve() for p in base.glob("*.safetensors"))
+    hashed.clear()
+
+    def merge(out: str, ref: str) -> dict:
+        return run_merge(MergeOptions(adapters=[ref], base_dir=base, target="safetensors", out_dir=tmp_path / out,
+                                      home=registry_home, db_url=db_url))
+
+    first = merge("out1", version.ref)  # the base check and the recipe take the digests push cached
+    assert [p for p in hashed if p in shards] == []
+    assert not any(p.is_relative_to((tmp_path / "out1").resolve()) for p in hashed)
+    hashed.clear()
+    second = merge("out2", str(tmp_path / "a"))  # a folder adapter: its file is hashed, the base is not
+    assert [p for p in hashed if p in shards] == []
+    assert not any(p.is_relative_to((tmp_path / "out2").resolve()) for p in hashed)
+
+    for summary, out in ((first, tmp_path / "out1"), (second, tmp_path / "out2")):
+        art = reg.artifact(summary["artifact"]["ref"])
+        on_disk = {p.name: sha(p) for p in sorted(out.iterdir())}
+        assert art.files == on_disk
+        assert art.recipe["base"]["files"] == {p.name: sha(p) for p in shards}
+    assert reg.verify().ok
+
+
+def test_first_merge_of_a_new_base_hashes_each_shard_once(tmp_path, registry_home, hashed):
+    base = write_tensor_base(tmp_path / "base", llama_like(), shards=2)
+    write_mora_adapter(tmp_path / "a", mora_shapes())
+    time.sleep(0.1)
+    shards = sorted(p.resolve() for p in base.glob("*.safetensors"))
+    run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
+                           out_dir=tmp_path / "o1", home=registry_home))
+    assert sorted(p for p in hashed if p in shards) == shards
+    hashed.clear()
+    run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
+                           out_dir=tmp_path / "o2", home=registry_home))
+    assert [p for p in hashed if p in shards] == []
