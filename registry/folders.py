@@ -14,18 +14,20 @@ from typing import Any
 
 from registry.errors import RegistryError
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-BASE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data")
+# which kinds of mora_core.checkpoint.WEIGHT_SUFFIXES (the one suffix table) make up a base's identity
+BASE_IDENTITY_KINDS = frozenset({"safetensors", "pickle", "gguf", "onnx"})
 MAX_FILES = 64
 
 
 def adapter_files(folder: Path) -> list[Path]:
     """The regular files at the top of an adapter folder, sorted; pickles are refused."""
+    from mora_core.checkpoint import weight_kind  # the one suffix table (no torch)
+
     if not folder.is_dir():
         raise RegistryError(f"{folder}: not an adapter folder (no such directory)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     for p in files:
-        if p.suffix.lower() in PICKLE_SUFFIXES:
+        if weight_kind(p.name) == "pickle":
             raise RegistryError(f"{p}: pickle checkpoints are refused (they can run code); "
                                 "convert it to adapter_model.safetensors first")
         if p.is_symlink():
@@ -75,12 +77,14 @@ def check_fits_base(folder: Path, base_dir: str | Path) -> None:
 
 def base_weight_files(base_dir: str | Path) -> list[Path]:
     """The weight files at the top of a base model folder, sorted (what a base digest covers)."""
+    from mora_core.checkpoint import weight_kind  # the one suffix table (no torch)
+
     base = Path(base_dir)
     if not base.is_dir():
         raise RegistryError(f"{base}: base model folder not found")
-    files = sorted(p for p in base.iterdir() if p.is_file() and p.name.endswith(BASE_WEIGHT_SUFFIXES))
+    files = sorted(p for p in base.iterdir() if p.is_file() and weight_kind(p.name) in BASE_IDENTITY_KINDS)
     if not files:
-        raise RegistryError(f"{base}: no weight files ({', '.join('*' + s for s in BASE_WEIGHT_SUFFIXES[:2])}) found")
+        raise RegistryError(f"{base}: no weight files (*.safetensors, *.bin) found")
     return files
 
 
