@@ -55,7 +55,7 @@ from exporters.quantize import quantize_int4
 from exporters.validate import tolerances
 from mora_core.adapter import Adapter
 from mora_core.checkpoint import Checkpoint, open_checkpoint
-from registry.blobs import hash_file
+from registry.copying import hash_file
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # graph dtype -> dtype of the model it is exported from (int4 is quantised from a float32 graph)

@@ -36,7 +36,7 @@ from exporters.errors import ExportError
 from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member
 from mora_core.errors import MergeError
 from mora_core.safe_io import read_capped
-from registry.blobs import fsync_dir
+from registry.copying import fsync_dir
 from registry.faults import fault_point
 
 try:

@@ -20,7 +20,7 @@ from exporters.errors import ExportError, ValidationFailed
 from exporters.onnx_export import export_merged_onnx
 from exporters.providers import open_session
 from mora_core.adapter import load_adapter
-from registry.blobs import hash_file
+from registry.copying import hash_file
 from tests.builders import linear_shapes, write_lora_adapter, write_model_base, write_mora_adapter
 
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
