@@ -120,11 +120,12 @@ def adapter_digest(registry: Any, adapter: Adapter, version: Any | None) -> str 
     return registry.file_digests([p]).get(p.name)
 
 
-def register_output(registry: Any, kind: str, out_dir: Path, files: dict[str, str], checkpoint: Checkpoint,
+def register_output(registry: Any, kind: str, out_dir: Path, files: dict[str, str] | None, checkpoint: Checkpoint,
                     base_digests: dict[str, str], resolved: Sequence[Any], weights: Sequence[float], dtype: str,
                     accumulate: str, summary: dict[str, Any], output: int | None = None) -> dict[str, Any]:
     """Record the output (whose `files` digests were taken while it was written) as an
-    artifact whose lineage points at every registry version that went in."""
+    artifact whose lineage points at every registry version that went in. `files=None`
+    (an exporter that does not hash as it writes) lets the registry hash the output."""
     digests = [adapter_digest(registry, r.adapter, r.version) for r in resolved]
     recipe = build_recipe(kind, checkpoint, base_digests, resolved, weights, dtype, accumulate, summary, digests)
     inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]

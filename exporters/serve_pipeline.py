@@ -92,9 +92,11 @@ def run_slots_export(opts: SlotsOptions) -> dict[str, Any]:
     """Export, validate and register one slots (or mixed) graph; returns the summary (JSON-able)."""
     started = time.perf_counter()
     opts.check()
-    from exporters.inputs import register_output, resolve_adapters
+    from exporters.inputs import resolve_adapters
     from exporters.pipeline import _RegistryHandle
+    from exporters.recipe import register_output
     from exporters.slots import export_slots_onnx
+    from mora_core.checkpoint import open_checkpoint
 
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
@@ -106,8 +108,10 @@ def run_slots_export(opts: SlotsOptions) -> dict[str, Any]:
         weights = [1.0] * len(resolved)
         summary["adapters"] = [{**r.describe(1.0), "position": i} for i, r in enumerate(resolved)]
         if opts.register:
-            summary["artifact"] = register_output(registry.get(), KIND_SLOTS, opts.out_dir, opts.base_dir,
-                                                  resolved, weights, opts.dtype, "float32", summary)
+            store, checkpoint = registry.get(), open_checkpoint(opts.base_dir)
+            summary["artifact"] = register_output(store, KIND_SLOTS, opts.out_dir, summary.get("digests"), checkpoint,
+                                                  store.file_digests(checkpoint.paths), resolved, weights,
+                                                  opts.dtype, "float32", summary)
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -115,8 +119,9 @@ def run_slots_export(opts: SlotsOptions) -> dict[str, Any]:
 def run_pack(opts: PackOptions) -> dict[str, Any]:
     """Write, validate and register one `.onnx_adapter` file; returns the summary (JSON-able)."""
     opts.check()
-    from exporters.inputs import resolve_adapters, tool_versions
+    from exporters.inputs import resolve_adapters
     from exporters.pipeline import _RegistryHandle
+    from exporters.recipe import tool_versions
     from exporters.slots import pack_adapter, read_slots_recipe
 
     recipe = read_slots_recipe(opts.graph_dir)

@@ -224,7 +224,7 @@ def _add_defaults(path: Path, defaults: dict[str, tuple[int, ...]]) -> None:
 def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequence[Adapter], mixed: bool,
             dtype: str, opset: int, validation: dict[str, Any]) -> dict[str, Any]:
     """export.json of a slot graph: what `adapters pack` and a server need to know about it."""
-    from exporters.inputs import tool_versions
+    from exporters.recipe import tool_versions
 
     files = {}
     for name in (GRAPH_NAME, DATA_NAME):
