@@ -68,22 +68,9 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
 
 def graph_weight_bytes(folder: Path) -> int:
     """Bytes of the graph's initializers (inline raw data and external data alike)."""
-    import onnx
+    from exporters.onnx_weights import initializer_bytes
 
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        if "length" in ext:
-            total += int(ext["length"])
-        elif t.raw_data:
-            total += len(t.raw_data)
-        else:
-            n = 1
-            for d in t.dims:
-                n *= d
-            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+    return initializer_bytes(folder / "model.onnx")
 
 
 def write_lora(folder: Path, layers: int, hidden: int, kv: int, r: int = 16, seed: int = 2) -> Path:

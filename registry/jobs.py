@@ -32,16 +32,12 @@ def owner_alive(owner: str | None) -> bool:
     """False when `owner` is a process of this host that is gone; True otherwise (unknowable)."""
     if not owner:
         return False
+    from registry.outputs import process_alive
+
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(int(pid))
 
 
 @dataclass(frozen=True)
