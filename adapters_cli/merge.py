@@ -94,8 +94,11 @@ def _print_human(s: dict[str, Any]) -> None:
     else:
         v = s.get("validation") or {}
         if v:
-            rows.append(("validated", f"{v.get('provider')}: max abs {v.get('max_abs_diff'):.3g}, "
-                                      f"max rel {v.get('max_rel_diff'):.3g} ({'pass' if v.get('passed') else 'FAIL'})"))
+            rows.append(("validated", f"{'pass' if v.get('passed') else 'FAIL'} on {v.get('provider')}, "
+                                      f"|onnx - ref| <= {v.get('atol'):g} + {v.get('rtol'):g}*|ref|"))
+            for c in (v.get("comparisons") or {}).values():  # each comparison named; <= 1x the tolerance passes
+                rows.append(("", f"vs {c['name']}: max abs {c['max_abs_diff']:.3g}, "
+                                 f"worst {c['worst_ratio']:.3g}x the tolerance"))
         else:
             rows.append(("validated", "no (--no-validate)"))
     if s.get("untied"):

@@ -66,3 +66,17 @@ def test_json_keeps_plain_lists_on_one_line():
     text = to_json(obj)
     assert '"input_ids": [1, 2, 3, 4]' in text and '"shape": [2, 16]' in text
     assert json.loads(text) == obj
+
+
+def test_onnx_summary_names_each_comparison_and_its_ratio_to_the_tolerance(capsys):
+    from adapters_cli.merge import _print_human
+
+    comparison = {"name": "base + unmerged adapters (PyTorch)", "max_abs_diff": 7.1e-7, "max_rel_diff": 2.7e-3,
+                  "worst_ratio": 0.0063, "passed": True}
+    _print_human({"output": "out", "to": "onnx", "adapters": [], "validation": {
+        "provider": "cpu", "passed": True, "atol": 1e-4, "rtol": 1e-4, "max_abs_diff": 7.1e-7,
+        "max_rel_diff": 2.7e-3, "comparisons": {"unmerged_pytorch": comparison}}})
+    out = capsys.readouterr().out
+    assert "pass on cpu, |onnx - ref| <= 0.0001 + 0.0001*|ref|" in out
+    assert "vs base + unmerged adapters (PyTorch): max abs 7.1e-07, worst 0.0063x the tolerance" in out
+    assert "0.0027" not in out  # a relative error above rtol would look like a failure on a pass
