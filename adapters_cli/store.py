@@ -39,7 +39,11 @@ def _open(home: str | None, db_url: str | None, create: bool = False):
     gc.freeze()
     from registry.api import Registry
 
-    return Registry.open(home=home, db_url=db_url, create=create)
+    reg = Registry.open(home=home, db_url=db_url, create=create)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # closed with the command: its pooled connections go back to the server
+        ctx.call_on_close(reg.close)
+    return reg
 
 
 def _where(reg) -> str:

@@ -59,7 +59,7 @@ def pg_server():
                                      "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
         subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
                                      "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                                     "-c max_connections=200", "start"]), check=True, capture_output=True)
+                                     "-c max_connections=1000", "start"]), check=True, capture_output=True)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')[-500:]}")
