@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from registry import audit, refs
-from registry.blobs import BlobStore
+from registry.blob_backend import BlobBackend
 from registry.copying import Progress, fsync_dir, hash_file
 from registry.db import Database
 from registry.errors import RegistryError
@@ -23,7 +23,7 @@ CACHE = "cache"
 TMP_MARK = ".tmp-"  # `.<folder>.tmp-<pid>-<random>`: gc removes those whose process is gone
 
 
-def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None,
+def pull(db: Database, blobs: BlobBackend, ref: str, out: str | Path | None = None,
          progress: Progress | None = None) -> Path:
     """Write the version's PEFT folder to `out` (default ./<name>-<N>), verifying every digest."""
     info = refs.resolve(db, ref)
@@ -36,7 +36,7 @@ def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None
     return dest
 
 
-def materialize(db: Database, blobs: BlobStore, home: Path, ref: str) -> Path:
+def materialize(db: Database, blobs: BlobBackend, home: Path, ref: str) -> Path:
     """A verified PEFT folder for `ref`, cached under the home and re-verified on each call."""
     info = refs.resolve(db, ref)
     cache = home / CACHE / info.digest[7:]
@@ -54,7 +54,7 @@ def materialize(db: Database, blobs: BlobStore, home: Path, ref: str) -> Path:
     return cache
 
 
-def write_folder(blobs: BlobStore, info: VersionInfo, dest: Path, progress: Progress | None = None) -> None:
+def write_folder(blobs: BlobBackend, info: VersionInfo, dest: Path, progress: Progress | None = None) -> None:
     """Copy a version's verified blobs into a temp folder beside `dest`, then rename it there."""
     tmp = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()

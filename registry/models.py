@@ -214,3 +214,11 @@ class BatchJob(Base):
     error: Mapped[str | None] = mapped_column(Text)
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     __table_args__ = (Index("ix_batch_jobs_output", "output"),)
+
+
+class Setting(Base):
+    """Store-wide configuration every machine must agree on (e.g. `blob_url`, `store_id`)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
