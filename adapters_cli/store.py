@@ -56,7 +56,8 @@ def _where(reg) -> str:
 @click.option("--name", required=True, help="Adapter name, e.g. team/llama-mora.")
 @click.option("--base-model", help="Base model identity (hub id or name).")
 @click.option("--base-revision", help="Base model revision.")
-@click.option("--base", "base_dir", type=click.Path(), help="Base model folder: record its weight digests.")
+@click.option("--base", "base_dir", help="Base model folder, or hf:ORG/NAME[@REVISION] from the Hub: "
+              "record its repo, resolved commit and weight digests.")
 @click.option("--parent", help="Reference of the version this one was derived from.")
 @click.option("--tag", "tags", multiple=True, help="Alias to point at the new version (repeatable).")
 @click.option("--meta", multiple=True, help="KEY=VALUE metadata (repeatable).")

@@ -93,8 +93,11 @@ def tool_versions() -> dict[str, str]:
 
 def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
                     resolved: list[ResolvedAdapter], weights: list[float], dtype: str, accumulate: str,
-                    summary: dict[str, Any]) -> dict[str, Any]:
-    """Record the output as an artifact whose lineage points at every input version."""
+                    summary: dict[str, Any], hub: dict[str, str] | None = None) -> dict[str, Any]:
+    """Record the output as an artifact whose lineage points at every input version.
+
+    `hub` ({"repo", "commit"}) names the base when it was resolved from the Hugging Face Hub.
+    """
     from mora_core.checkpoint import open_checkpoint
 
     base = open_checkpoint(base_dir)
@@ -107,6 +110,7 @@ def register_output(registry: Any, kind: str, out_dir: Path, base_dir: Path,
             "architectures": cfg.get("architectures"),
             "name_or_path": cfg.get("_name_or_path"),
             "files": {f.path.name: hash_file(f.path)[0] for f in base.files},
+            **({"hub": hub} if hub else {}),
         },
         "adapters": [{**r.describe(w), "folder_digest": _folder_digest(r.adapter)} for r, w in zip(resolved, weights)],
         "dtype": dtype,

@@ -39,7 +39,9 @@ class MergeOptions:
 
     Args:
         adapters: local PEFT folders or registry references, in order.
-        base_dir: the base model folder (config.json + safetensors, sharded or not).
+        base_dir: the base model folder (config.json + safetensors, sharded or not), or
+            `hf:ORG/NAME[@REVISION]`, resolved through the Hugging Face cache (its repo and
+            commit are recorded in the output's recipe).
         target: "safetensors" or "onnx".
         out_dir: the output folder; must not exist (or be an empty folder).
         weights: one per adapter (default 1.0 each): `W' = W + sum w_i dW_i`.
@@ -48,7 +50,7 @@ class MergeOptions:
         max_shard_bytes: repack safetensors shards to at most this; None keeps the base's sharding.
         opset, provider, atol, rtol, validate: the ONNX export and its validation.
         allow_base_mismatch: merge a registry version onto a base other than the one recorded.
-        home, db_url: the registry (for references and registration).
+        home, db_url, blob_url: the registry (for references and registration).
         register: record the output as an artifact (ONNX: only when validated).
         replace_output: an existing `out_dir` is replaced, atomically, once the new output is
             complete (batch jobs re-run on changed inputs); otherwise it must not exist.
@@ -71,6 +73,7 @@ class MergeOptions:
     allow_base_mismatch: bool = False
     home: Path | None = None
     db_url: str | None = None
+    blob_url: str | None = None
     register: bool = True
     replace_output: bool = False
     progress: ProgressFn | None = field(default=None, repr=False)
@@ -113,21 +116,24 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     opts.check()
     weights = opts.weight_list()
     from exporters.inputs import register_output, resolve_adapters
+    from registry.hub import resolve_base
 
+    base = resolve_base(opts.base_dir)  # a folder as it is; hf:ORG/NAME[@REV] through the HF cache
+    base_dir = base.folder
     final = Path(opts.out_dir)
     replacing = opts.replace_output and final.exists()
     build = final.parent / f".{final.name}.replacement-{os.getpid()}" if replacing else final
     with contextlib.ExitStack() as stack:
-        registry = _RegistryHandle(opts.home, opts.db_url)
+        registry = _RegistryHandle(opts.home, opts.db_url, opts.blob_url)
         stack.callback(registry.close)
         if replacing:
             stack.callback(shutil.rmtree, build, ignore_errors=True)
-        resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
+        resolved = resolve_adapters(opts.adapters, base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         if opts.target == "safetensors":
             from exporters.safetensors_out import merge_folder
 
-            report = merge_folder(opts.base_dir, loaded, build, weights, dtype=opts.dtype,
+            report = merge_folder(base_dir, loaded, build, weights, dtype=opts.dtype,
                                   accumulate=opts.accumulate, max_shard_bytes=opts.max_shard_bytes,
                                   progress=opts.progress).to_dict()
             summary: dict[str, Any] = {"to": "safetensors", **report}
@@ -135,7 +141,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             from exporters.onnx_export import export_merged_onnx
 
             summary = {"to": "onnx", **export_merged_onnx(
-                opts.base_dir, loaded, weights, build,
+                base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
                 accumulate=opts.accumulate, progress=opts.progress)}
@@ -147,8 +153,11 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         effective_dtype = summary.get("dtype", opts.dtype) if opts.target == "onnx" else opts.dtype
         if opts.register and (opts.target == "safetensors" or opts.validate):
             summary["artifact"] = register_output(
-                registry.get(), opts.target, final, opts.base_dir, resolved, weights,
-                effective_dtype, opts.accumulate, summary)
+                registry.get(), opts.target, final, base_dir, resolved, weights,
+                effective_dtype, opts.accumulate, summary,
+                hub={"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
+        if base.repo_id:
+            summary["base"] = {"repo": base.repo_id, "commit": base.commit, "folder": str(base_dir)}
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -191,14 +200,14 @@ def parse_size(text: str | int) -> int:
 class _RegistryHandle:
     """One registry handle per job, opened on first use and closed at the end."""
 
-    def __init__(self, home: Path | None, db_url: str | None):
-        self._home, self._db_url, self._reg = home, db_url, None
+    def __init__(self, home: Path | None, db_url: str | None, blob_url: str | None = None):
+        self._home, self._db_url, self._blob_url, self._reg = home, db_url, blob_url, None
 
     def get(self):
         if self._reg is None:
             from registry.api import Registry
 
-            self._reg = Registry.open(self._home, self._db_url)
+            self._reg = Registry.open(self._home, self._db_url, blob_url=self._blob_url)
         return self._reg
 
     def close(self) -> None:
