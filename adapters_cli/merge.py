@@ -89,6 +89,8 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
 
 def _print_human(s: dict[str, Any]) -> None:
     rows = [("output", s.get("output")), ("format", s["to"])]
+    if s.get("base"):
+        rows.append(("base", f"hf:{s['base']['repo']}@{s['base']['commit']}"))
     if s["to"] == "safetensors":
         rows += [("tensors", f"{s['tensors_merged']} merged of {s['tensors_total']} ({s['shards']} shard(s))"),
                  ("dtype", s["dtype"]),

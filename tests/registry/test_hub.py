@@ -242,3 +242,32 @@ def test_publish_version_and_artifact_to_a_local_hub(hf_cache, hub, tmp_path):
     (tmp_path / "merged" / "config.json").write_text("{}")
     res = _run(home, "publish", art.ref, "--repo", "me/mora")
     assert res.code == 2 and "altered" in res.err and len(hub.state.commits) == before
+
+
+def test_merge_on_a_hub_base_records_the_commit_and_publishes_as_merge(hf_cache, tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.builders import write_tensor_base
+
+    g = torch.Generator().manual_seed(0)
+    local = write_tensor_base(tmp_path / "base", {"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+                                                  "model.norm.weight": torch.ones(16)})
+    commit = write_hf_cache(hf_cache, "org/tiny", {p.name: p.read_bytes() for p in local.iterdir()})
+    home = tmp_path / "home"
+    assert _run(home, "push", write_adapter(tmp_path / "a", modules=1), "--name", "team/x",
+                "--base", "hf:org/tiny").code == 0
+    res = _run(home, "merge", "team/x:1", "--base", "hf:org/tiny", "--to", "safetensors", "-o", tmp_path / "merged",
+               "--json")
+    assert res.code == 0, res.err
+    s = res.json()
+    assert s["base"]["repo"] == "org/tiny" and s["base"]["commit"] == commit
+    art = Registry.open(home).artifact(s["artifact"]["ref"])
+    assert art.recipe["base"]["hub"] == {"repo": "org/tiny", "commit": commit}
+    # the same merge from the plain folder gives the same bytes
+    assert _run(home, "merge", "team/x:1", "--base", local, "--to", "safetensors", "-o", tmp_path / "ref",
+                "--no-register").code == 0
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    out = tmp_path / "dry"
+    assert _run(home, "publish", art.ref, "--repo", "me/merged", "--dry-run", "-o", out).code == 0
+    meta = _card_meta((out / "README.md").read_text())
+    assert meta["base_model"] == "org/tiny" and meta["base_model_relation"] == "merge"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*art.files, "README.md"])
