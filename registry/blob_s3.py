@@ -10,7 +10,9 @@ the marker that says which store owns the prefix (its store id, written once).
   records the blob's digest and number of parts. Blobs over `MULTIPART_THRESHOLD` go in
   `PART_SIZE` parts, `CONCURRENCY` at a time: memory stays at about CONCURRENCY x PART_SIZE.
   The source is hashed first (its digest is the key, and an existing key needs no
-  upload); the upload re-hashes what it sends and aborts if the file changed meanwhile.
+  upload); a single PUT re-hashes the body it sends, a multipart upload checks that the
+  file's size and mtime did not change while it was sent (each part carries its own
+  SHA-256, computed from the bytes sent), and aborts otherwise.
 - **Reads** stream: ranged GETs in parallel, written in order while hashed; bytes that
   do not hash to their name are refused (IntegrityError) and the output removed. A local
   read-through cache (`registry.blob_cache`) serves repeated reads.
@@ -58,6 +60,7 @@ class S3Staged(Staged):
 
     present: bool = False
     uploaded: bool = False
+    stat: tuple[int, int] | None = None  # (size, mtime_ns) of the source when it was hashed
 
 
 class S3BlobStore:
@@ -170,8 +173,11 @@ class S3BlobStore:
     # ------------------------------------------------------------------ writing
     def stage(self, source: Path, progress: Progress | None = None) -> S3Staged:
         """Hash `source` (one read) and ask whether the bucket holds it; uploads nothing yet."""
+        before = _stat(source)
         digest, size = hash_file(source, progress)
-        st = S3Staged(Path(source), digest, size)
+        if _stat(source) != before or before[0] != size:
+            raise RegistryError(f"{source}: changed while it was being pushed; push it again")
+        st = S3Staged(Path(source), digest, size, stat=before)
         st.present = self._head(self.key(digest)) is not None
         return st
 
@@ -180,7 +186,7 @@ class S3BlobStore:
     def make_durable(self, staged: S3Staged) -> None:
         """Upload a staged blob the bucket does not hold (outside the database lock)."""
         if not staged.present and not staged.uploaded:
-            staged.uploaded = self.upload(staged.source, staged.digest, staged.size)
+            staged.uploaded = self.upload(staged.source, staged.digest, staged.size, expect=staged.stat)
             staged.present = True
 
     def publish(self, staged: S3Staged) -> bool:
@@ -191,7 +197,7 @@ class S3BlobStore:
         since `stage` saw it, the blob is uploaded again.
         """
         if self._head(self.key(staged.digest)) is None:
-            self.upload(staged.source, staged.digest, staged.size)
+            self.upload(staged.source, staged.digest, staged.size, expect=staged.stat)
             staged.uploaded = True
         return staged.uploaded
 
@@ -201,8 +207,13 @@ class S3BlobStore:
     def exists(self, digest: str) -> bool:
         return self._head(self.key(digest)) is not None
 
-    def upload(self, source: Path, digest: str, size: int, progress: Progress | None = None) -> bool:
-        """Conditional upload of `source` as `digest`; False if the key was already there."""
+    def upload(self, source: Path, digest: str, size: int, progress: Progress | None = None, *,
+               expect: tuple[int, int] | None = None) -> bool:
+        """Conditional upload of `source` as `digest`; False if the key was already there.
+
+        `expect`: the source's (size, mtime_ns) when it was hashed; a multipart upload of a
+        file that differs from it (or changes while sent) is aborted.
+        """
         key = self.key(digest)
         meta = {"sha256": hex_of(digest)}
         if size <= MULTIPART_THRESHOLD:
@@ -216,19 +227,20 @@ class S3BlobStore:
             if progress:
                 progress(size)
             return wrote
-        return self._upload_multipart(source, key, digest, size, meta, progress)
+        return self._upload_multipart(source, key, size, meta, progress, expect or _stat(source))
 
-    def _upload_multipart(self, source: Path, key: str, digest: str, size: int, meta: dict[str, str],
-                          progress: Progress | None) -> bool:
+    def _upload_multipart(self, source: Path, key: str, size: int, meta: dict[str, str],
+                          progress: Progress | None, expect: tuple[int, int]) -> bool:
         from botocore.exceptions import ClientError
 
+        if _stat(source) != expect or expect[0] != size:
+            raise RegistryError(f"{source}: changed while it was being pushed; push it again")
         part_size = max(PART_SIZE, -(-size // MAX_PARTS))
         nparts = -(-size // part_size)
         meta["parts"] = str(nparts)
         up = self._call("start a multipart upload", self.client.create_multipart_upload,
                         Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata=meta)
         upload_id = up["UploadId"]
-        whole = hashlib.sha256()
         parts: list[dict[str, Any]] = []
 
         def send(number: int, data: bytes) -> dict[str, Any]:
@@ -245,7 +257,6 @@ class S3BlobStore:
                 pending: deque[Future] = deque()
                 for number in range(1, nparts + 1):
                     data = _read_exact(fh, min(part_size, size - (number - 1) * part_size))
-                    whole.update(data)
                     pending.append(pool.submit(send, number, data))
                     del data
                     while len(pending) >= CONCURRENCY:  # bounded memory: CONCURRENCY parts in flight
@@ -254,7 +265,7 @@ class S3BlobStore:
                     parts.append(pending.popleft().result())
                 if fh.read(1):
                     raise RegistryError(f"{source}: grew while it was being pushed; push it again")
-            if sha256_name(whole.hexdigest()) != digest:
+            if _stat(source) != expect:
                 raise RegistryError(f"{source}: changed while it was being pushed; push it again")
             try:
                 self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -433,6 +444,11 @@ def _write_all(out: Any, data: bytes) -> None:
     done = 0
     while done < len(view):
         done += out.write(view[done:done + 64 * CHUNK])
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _b64(raw: bytes) -> str:

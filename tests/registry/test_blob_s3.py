@@ -254,10 +254,14 @@ def test_multipart_blob_round_trip(s3_bucket, tmp_path, monkeypatch):
     assert store.check_blob(digest, len(data)).problem is None
     full = store.check_blob(digest, len(data), full=True)
     assert full.problem is None and full.bytes_read == len(data)
-    # a source that changed between hashing and uploading is refused, nothing is left
-    other = "sha256:" + "0" * 64
+    # a source rewritten between hashing (stage) and uploading is refused, nothing is left
+    g = tmp_path / "big2.bin"
+    g.write_bytes(data[::-1])
+    staged = store.stage(g)
+    g.write_bytes(data)  # same size, other bytes
     with pytest.raises(RegistryError, match="changed while"):
-        store.upload(f, other, len(data))
+        store.make_durable(staged)
+    assert not store.exists(staged.digest)
     assert not boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
