@@ -107,6 +107,8 @@ def main() -> None:
             other.close()
             for d in (f"home{i}", f"other{i}", f"pulled{i}"):
                 shutil.rmtree(root / d, ignore_errors=True)
+            print(f"run {i + 1}: upload_file {up_t[-1]:.2f} s, push {push_t[-1]:.2f} s, "
+                  f"download_file {down_t[-1]:.2f} s, pull {pull_t[-1]:.2f} s", flush=True)
         med = {k: statistics.median(v) for k, v in
                {"upload_file": up_t, "push": push_t, "download_file": down_t, "pull": pull_t}.items()}
         mb = size / (1 << 20)
