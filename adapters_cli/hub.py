@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from adapters_cli.common import blob_url, emit_json, guarded, store_options
+from adapters_cli.common import blob_url, complete_ref, emit_json, guarded, store_options
 
 
 def _open(home: str | None, db_url: str | None):
@@ -39,6 +39,11 @@ def import_(source: str, name: str, base_model: str | None, base_revision: str |
     The repo's adapter_config.json and adapter_model.safetensors are fetched through the
     Hugging Face cache (HF_HUB_OFFLINE, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN apply); the
     version records source=hf:ORG/NAME and source_revision=<resolved commit>.
+
+    \b
+    Examples:
+      adapters import hf:someone/llama-lora --name team/their-lora --tag staging
+      adapters import hf:someone/llama-mora@v2 --name team/m --base hf:meta-llama/Llama-3.2-1B
     """
     from registry.api import parse_meta
     from registry.hub import import_adapter
@@ -54,7 +59,7 @@ def import_(source: str, name: str, base_model: str | None, base_revision: str |
 
 
 @click.command("publish")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @click.option("--repo", required=True, metavar="ORG/NAME", help="Hub repo to upload to (created if needed).")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to (created if needed; default main).")
@@ -68,6 +73,12 @@ def publish(ref: str, repo: str, private: bool, revision: str | None, dry_run: b
 
     The card's metadata carries base_model and base_model_relation (adapter or merge); its
     text gives the base's commit and digests, the adapter spec, the lineage and file digests.
+
+    \b
+    Examples:
+      adapters publish team/llama-lora:3 --repo my-org/llama-lora --private
+      adapters publish artifact:7 --repo my-org/llama-merged --revision experiments
+      adapters publish team/llama-lora@prod --repo my-org/x --dry-run -o ./to-upload
     """
     from adapters_cli.common import UserError
     from registry.hub import publish as do_publish

@@ -116,9 +116,11 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     opts.check()
     weights = opts.weight_list()
     from exporters.inputs import register_output, resolve_adapters
-    from registry.hub import resolve_base
+    from registry.api import resolve_home
+    from registry.hub import is_hub_ref, resolve_base
 
-    base = resolve_base(opts.base_dir)  # a folder as it is; hf:ORG/NAME[@REV] through the HF cache
+    # a folder as it is; hf:ORG/NAME[@REV] through the HF cache, read from a view in the home
+    base = resolve_base(opts.base_dir, resolve_home(opts.home) if is_hub_ref(opts.base_dir) else Path("."))
     base_dir = base.folder
     final = Path(opts.out_dir)
     replacing = opts.replace_output and final.exists()

@@ -8,6 +8,11 @@ for base models and adapter repos, `import` of a PEFT adapter repo, `publish` to
   tokenizer files are fetched: pickle checkpoints never are.
 - **Base identity** recorded by a push with `--base hf:...`: the repo id (`base_model`),
   the resolved commit (`base_revision`) and the weight files' digests (`base_files`).
+- **Base folder**: a snapshot is a folder of symlinks into the cache's `blobs/`, which the
+  model-folder rule (`mora_core.checkpoint.member`: no symlink leaving the folder) refuses.
+  The merge reads a view instead: `<home>/hub/<ORG--NAME>/<commit>/`, real hard links to
+  the cached files (a copy where the home is on another filesystem), built once per commit
+  and atomically.
 - **Import** pushes the adapter files of a repo's snapshot (hard links into a temp
   folder in the home, so nothing is copied when the cache is on the same disk), with
   `source=hf:ORG/NAME` and `source_revision=<commit>` in the version's metadata.
@@ -130,8 +135,9 @@ class ResolvedBase:
     commit: str | None = None
 
 
-def resolve_base(arg: str | os.PathLike | None) -> ResolvedBase | None:
-    """A `--base` argument: a local folder as it is, `hf:ORG/NAME[@REV]` through the cache."""
+def resolve_base(arg: str | os.PathLike | None, home: Path) -> ResolvedBase | None:
+    """A `--base` argument: a local folder as it is, `hf:ORG/NAME[@REV]` through the cache
+    (then the folder is the snapshot's view under `home`, see the module docstring)."""
     if arg is None:
         return None
     if not is_hub_ref(arg):
@@ -140,7 +146,29 @@ def resolve_base(arg: str | os.PathLike | None) -> ResolvedBase | None:
     if not any(p.name.endswith(".safetensors") for p in snap.path.iterdir()):
         raise RegistryError(f"{snap.ref}: the snapshot {snap.commit[:12]} holds no .safetensors weights "
                             "(pickle checkpoints are not fetched)")
-    return ResolvedBase(snap.path, snap.ref.repo_id, snap.commit)
+    return ResolvedBase(snapshot_view(snap, home), snap.ref.repo_id, snap.commit)
+
+
+def snapshot_view(snap: HubSnapshot, home: Path) -> Path:
+    """`<home>/hub/<ORG--NAME>/<commit>`: the snapshot's top-level files as real files."""
+    dest = Path(home) / "hub" / snap.ref.repo_id.replace("/", "--") / snap.commit
+    names = sorted(p.name for p in snap.path.iterdir() if p.is_file())
+    if dest.is_dir() and sorted(p.name for p in dest.iterdir()) == names:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{snap.commit}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name in names:
+            link_or_copy(snap.path / name, tmp / name)
+        if dest.is_dir():  # an older, partial view (files added to the allow list since)
+            shutil.rmtree(dest, ignore_errors=True)
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():  # another process won the rename race: fine if it is there
+            raise
+    return dest
 
 
 def base_identity(base: ResolvedBase, base_model: str | None,
