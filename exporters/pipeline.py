@@ -116,7 +116,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     opts.check()
     weights = opts.weight_list()
     from exporters.inputs import register_output, resolve_adapters
-    from registry.api import resolve_home
+    from registry.config import resolve_home
     from registry.hub import is_hub_ref, resolve_base
 
     # a folder as it is; hf:ORG/NAME[@REV] through the HF cache, read from a view in the home

@@ -235,7 +235,7 @@ class PublishPlan:
 def plan_publish(reg: Any, ref: str) -> PublishPlan:
     """Gather a version's verified PEFT files, or an artifact's files (re-hashed against its
     record: an altered artifact is refused), and write the model card."""
-    from registry.blobs import hash_file
+    from registry.copying import hash_file
     from registry.model_card import artifact_card, version_card
     from registry.names import parse_ref
 

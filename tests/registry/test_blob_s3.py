@@ -130,10 +130,10 @@ def test_tampered_bucket_is_detected(two_homes, tmp_path, s3_bucket):
 def test_gc_keeps_the_fresh_blobs_of_a_concurrent_push(two_homes, tmp_path, s3_bucket, monkeypatch):
     """A push uploads, then stops before its transaction; gc runs; the push then commits."""
     a, b = two_homes
-    import registry.api as api
+    import registry.ingest as api
 
     reached, go = threading.Event(), threading.Event()
-    real = api._crash_point
+    real = api.fault_point
 
     def pause(point: str) -> None:
         if point == "durable" and threading.current_thread().name == "pusher":
@@ -141,7 +141,7 @@ def test_gc_keeps_the_fresh_blobs_of_a_concurrent_push(two_homes, tmp_path, s3_b
             assert go.wait(60)
         real(point)
 
-    monkeypatch.setattr(api, "_crash_point", pause)
+    monkeypatch.setattr(api, "fault_point", pause)
     src = write_adapter(tmp_path / "src", seed=7)
     result: dict = {}
 
@@ -169,10 +169,10 @@ def test_gc_without_grace_mid_push_makes_the_push_upload_again(two_homes, tmp_pa
     """Second line of defence: with --grace 0 gc deletes the fresh blobs; the push re-checks
     them under the writer lock (which gc holds while sweeping) and uploads them again."""
     a, b = two_homes
-    import registry.api as api
+    import registry.ingest as api
 
     reached, go = threading.Event(), threading.Event()
-    real = api._crash_point
+    real = api.fault_point
 
     def pause(point: str) -> None:
         if point == "durable" and threading.current_thread().name == "pusher":
@@ -180,7 +180,7 @@ def test_gc_without_grace_mid_push_makes_the_push_upload_again(two_homes, tmp_pa
             assert go.wait(60)
         real(point)
 
-    monkeypatch.setattr(api, "_crash_point", pause)
+    monkeypatch.setattr(api, "fault_point", pause)
     src = write_adapter(tmp_path / "src", seed=8)
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("v", a.push(src, "race")), name="pusher")
