@@ -30,7 +30,13 @@ from registry import (
     refs,
 )
 from registry.blob_backend import BlobBackend
-from registry.blob_config import BLOB_URL, check_agreement, given_blob_url, open_backend
+from registry.blob_config import (
+    BLOB_URL,
+    check_agreement,
+    given_blob_url,
+    local_backend,
+    open_backend,
+)
 from registry.blob_config import recorded as recorded_setting
 from registry.blobs import Progress
 from registry.config import resolve_home, resolve_url
@@ -83,9 +89,13 @@ class Registry:
         url = resolve_url(home, db_url)
         reg = cls(home, url, blob_url)
         ensure_schema(reg.engine, auto=is_sqlite(url), lock_path=home / ".schema.lock")
-        if reg._given_blob_url:
-            with reg.db.read() as s:
-                check_agreement(recorded_setting(s, BLOB_URL), reg._given_blob_url)
+        with reg.db.read() as s:  # one small query; the backend itself imports nothing heavy
+            recorded_url = recorded_setting(s, BLOB_URL)
+            check_agreement(recorded_url, reg._given_blob_url)
+        if not recorded_url and not reg._given_blob_url:
+            # the home's blob directory exists from open (as before backends); which backend is
+            # used is decided at first use, so a URL another machine binds meanwhile is seen
+            local_backend(home)
         return reg
 
     def close(self) -> None:
