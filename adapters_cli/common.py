@@ -104,9 +104,31 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # ----------------------------------------------------------------------------- options
 
+BLOB_URL_KEY = "adapters.blob_url"
+
+
+def _remember_blob_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[BLOB_URL_KEY] = value
+
+
+def blob_url() -> str | None:
+    """The `--blob-url` given to the running command (None: $ADAPTERS_BLOB_URL or the recorded one)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(BLOB_URL_KEY) if ctx is not None else None
+
+
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`--home`, `--db-url` and `--json`, the same way on every command."""
+    """`--home`, `--db-url`, `--blob-url` and `--json`, the same way on every command.
+
+    `--blob-url` is not passed to the command function (it would change every signature):
+    commands read it with `blob_url()` when they open the registry.
+    """
     fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
+    fn = click.option("--blob-url", envvar="ADAPTERS_BLOB_URL", default=None, expose_value=False,
+                      callback=_remember_blob_url, is_eager=True,
+                      help="Blobs in s3://BUCKET/PREFIX (default: $ADAPTERS_BLOB_URL, else the URL "
+                           "recorded in the database, else the home).")(fn)
     fn = click.option("--db-url", envvar="ADAPTERS_DB_URL", default=None,
                       help="Database URL (default: $ADAPTERS_DB_URL or SQLite in the home).")(fn)
     fn = click.option("--home", envvar="ADAPTERS_HOME", default=None, type=click.Path(file_okay=False),

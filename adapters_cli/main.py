@@ -44,6 +44,12 @@ def _serve():
     return serve
 
 
+def _hub():
+    from adapters_cli import hub
+
+    return hub
+
+
 def _run():
     from adapters_cli import run
 
@@ -59,10 +65,12 @@ COMMANDS: dict[str, Callable[[], click.Command]] = {
     "db": lambda: _store().db,
     "export": lambda: _serve().export,
     "gc": lambda: _store().gc,
+    "import": lambda: _hub().import_,
     "lineage": lambda: _store().lineage,
     "list": lambda: _store().list_,
     "merge": lambda: _merge().merge,
     "pack": lambda: _serve().pack,
+    "publish": lambda: _hub().publish,
     "pull": lambda: _store().pull,
     "push": lambda: _store().push,
     "rm": lambda: _store().rm,

@@ -14,6 +14,7 @@ import click
 from adapters_cli.common import (
     ProgressLine,
     SizeType,
+    blob_url,
     complete_ref,
     emit_json,
     run_guarded,
@@ -25,8 +26,9 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", shell_complete=complete_ref)
-@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-              help="Base model folder (config.json + safetensors, sharded or not).")
+@click.option("--base", "base_dir", required=True,
+              help="Base model folder (config.json + safetensors, sharded or not), or "
+                   "hf:ORG/NAME[@REVISION] from the Hugging Face Hub (its commit is recorded).")
 @click.option("--to", "target", required=True, type=click.Choice(["safetensors", "onnx"]),
               help="Output format.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
@@ -51,7 +53,7 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 @click.option("--register/--no-register", default=True,
               help="Record the output as an artifact in the registry (default: yes).")
 @store_options
-def merge(adapters: tuple[str, ...], base_dir: Path, target: str, out_dir: Path, weights: tuple[float, ...],
+def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, weights: tuple[float, ...],
           dtype: str, accumulate: str, max_shard_bytes: int | None, opset: int | None, provider: str,
           atol: float | None, rtol: float | None, no_validate: bool, allow_base_mismatch: bool,
           register: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
@@ -67,14 +69,15 @@ def merge(adapters: tuple[str, ...], base_dir: Path, target: str, out_dir: Path,
           --base ./llama-7b --to onnx -o ./llama-merged-onnx
     """
     from exporters.pipeline import MergeOptions, run_merge
+    from registry.hub import is_hub_ref
 
     progress = ProgressLine(enabled=None if not as_json else False,
                             **({} if target == "safetensors" else {"verb": "step", "unit": "steps"}))
     opts = MergeOptions(
-        adapters=list(adapters), base_dir=base_dir, target=target, out_dir=out_dir, weights=list(weights) or None,
+        adapters=list(adapters), base_dir=base_dir if is_hub_ref(base_dir) else Path(base_dir), target=target, out_dir=out_dir, weights=list(weights) or None,
         dtype=dtype, accumulate=accumulate, max_shard_bytes=max_shard_bytes, opset=opset, provider=provider,
         atol=atol, rtol=rtol, validate=not no_validate, allow_base_mismatch=allow_base_mismatch,
-        home=Path(home) if home else None, db_url=db_url, register=register, progress=progress.update)
+        home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register, progress=progress.update)
     try:
         summary = run_guarded(lambda: run_merge(opts))
     finally:
@@ -87,6 +90,8 @@ def merge(adapters: tuple[str, ...], base_dir: Path, target: str, out_dir: Path,
 
 def _print_human(s: dict[str, Any]) -> None:
     rows = [("output", s.get("output")), ("format", s["to"])]
+    if s.get("base"):
+        rows.append(("base", f"hf:{s['base']['repo']}@{s['base']['commit']}"))
     if s["to"] == "safetensors":
         rows += [("tensors", f"{s['tensors_merged']} merged of {s['tensors_total']} ({s['shards']} shard(s))"),
                  ("dtype", s["dtype"]),

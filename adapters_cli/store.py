@@ -14,6 +14,7 @@ import click
 
 from adapters_cli.common import (
     ProgressLine,
+    blob_url,
     complete_ref,
     emit_json,
     guarded,
@@ -39,7 +40,7 @@ def _open(home: str | None, db_url: str | None, create: bool = False):
     gc.freeze()
     from registry.api import Registry
 
-    reg = Registry.open(home=home, db_url=db_url, create=create)
+    reg = Registry.open(home=home, db_url=db_url, blob_url=blob_url(), create=create)
     ctx = click.get_current_context(silent=True)
     if ctx is not None:  # closed with the command: its pooled connections go back to the server
         ctx.call_on_close(reg.close)
@@ -60,7 +61,8 @@ def _where(reg) -> str:
 @click.option("--name", required=True, help="Adapter name, e.g. team/llama-mora.")
 @click.option("--base-model", help="Base model identity (hub id or name).")
 @click.option("--base-revision", help="Base model revision.")
-@click.option("--base", "base_dir", type=click.Path(), help="Base model folder: record its weight digests.")
+@click.option("--base", "base_dir", help="Base model folder, or hf:ORG/NAME[@REVISION] from the Hub: "
+              "record its repo, resolved commit and weight digests.")
 @click.option("--parent", help="Reference of the version this one was derived from.")
 @click.option("--tag", "tags", multiple=True, help="Alias to point at the new version (repeatable).")
 @click.option("--meta", multiple=True, help="KEY=VALUE metadata (repeatable).")
@@ -267,21 +269,25 @@ def lineage(ref: str, fmt: str, home: str | None, db_url: str | None, as_json: b
 
 
 @click.command("verify")
+@click.option("--full", is_flag=True,
+              help="Re-read and re-hash remote blobs too (default for S3: one HEAD per blob, no content).")
 @store_options
 @command
-def verify(home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Re-hash every blob and artifact file, walk the audit chain; exit 1 if anything is wrong.
+def verify(full: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
+    """Check every blob and artifact file, walk the audit chain; exit 1 if anything is wrong.
 
-    The result is kept as the store's last verify (shown by `adapters ui`).
+    Local blobs are always re-hashed. S3 blobs get one HEAD each (present, size, recorded
+    digest, stored SHA-256 checksum) unless --full re-reads every byte. The result is kept
+    as the store's last verify (shown by `adapters ui`).
 
     \b
     Examples:
       adapters verify
-      adapters verify --json
+      adapters verify --full --json
     """
     reg = _open(home, db_url)
     prog = ProgressLine(verb="verify")
-    rep = reg.verify(progress=prog.add)
+    rep = reg.verify(progress=prog.add, full=full)
     prog.close()
     reg.record_verify(rep.to_dict())  # what `adapters ui` shows as the last verify
     if as_json:
@@ -291,24 +297,29 @@ def verify(home: str | None, db_url: str | None, as_json: bool) -> None:
             click.echo(f"warning: {w}", err=True)
         for p in rep.problems:
             click.echo(f"PROBLEM: {p}")
+        how = "" if rep.mode == "full" else f" [cheap: metadata only, {human_size(rep.bytes_read)} read; --full re-reads]"
         click.echo(f"{'ok' if rep.ok else 'DAMAGED'}: {rep.blobs} blobs ({human_size(rep.bytes)}), "
-                   f"{rep.artifacts} artifacts, {rep.events} audit events checked")
+                   f"{rep.artifacts} artifacts, {rep.events} audit events checked{how}")
     sys.exit(0 if rep.ok else 1)
 
 
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option("--grace", "grace_s", type=float, default=None, metavar="SECONDS",
+              help="Keep unreferenced blobs younger than this (S3 default 3600: a concurrent push "
+                   "uploads before it commits; 0 is safe only when no push runs).")
 @store_options
 @command
-def gc(dry_run: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """Remove blobs no version references and leftovers of interrupted writes.
+def gc(dry_run: bool, grace_s: float | None, home: str | None, db_url: str | None, as_json: bool) -> None:
+    """Remove blobs no version references and leftovers of interrupted writes (mark and sweep).
 
     \b
     Examples:
       adapters gc --dry-run
       adapters gc --json
+      adapters gc --grace 600
     """
-    rep = _open(home, db_url).gc(dry_run=dry_run)
+    rep = _open(home, db_url).gc(dry_run=dry_run, grace_s=grace_s)
     if as_json:
         emit_json(rep.to_dict())
     else:

@@ -40,7 +40,9 @@ class MergeOptions:
 
     Args:
         adapters: local PEFT folders or registry references, in order.
-        base_dir: the base model folder (config.json + safetensors, sharded or not).
+        base_dir: the base model folder (config.json + safetensors, sharded or not), or
+            `hf:ORG/NAME[@REVISION]`, resolved through the Hugging Face cache (its repo and
+            commit are recorded in the output's recipe).
         target: "safetensors" or "onnx".
         out_dir: the output folder; must not exist (or be an empty folder).
         weights: one per adapter (default 1.0 each): `W' = W + sum w_i dW_i`.
@@ -49,7 +51,7 @@ class MergeOptions:
         max_shard_bytes: repack safetensors shards to at most this; None keeps the base's sharding.
         opset, provider, atol, rtol, validate: the ONNX export and its validation.
         allow_base_mismatch: merge a registry version onto a base other than the one recorded.
-        home, db_url: the registry (for references and registration).
+        home, db_url, blob_url: the registry (for references and registration).
         register: record the output as an artifact (ONNX: only when validated).
         replace_output: an existing `out_dir` is replaced, atomically, once the new output is
             complete (batch jobs re-run on changed inputs); otherwise it must not exist.
@@ -72,6 +74,7 @@ class MergeOptions:
     allow_base_mismatch: bool = False
     home: Path | None = None
     db_url: str | None = None
+    blob_url: str | None = None
     register: bool = True
     replace_output: bool = False
     progress: ProgressFn | None = field(default=None, repr=False)
@@ -154,13 +157,18 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     from exporters.outputs import replace_folder
     from exporters.recipe import BaseDigests, register_output
     from mora_core.checkpoint import open_checkpoint
+    from registry.config import resolve_home
+    from registry.hub import is_hub_ref, resolve_base
 
+    # a folder as it is; hf:ORG/NAME[@REV] through the HF cache, read from a view in the home
+    base = resolve_base(opts.base_dir, resolve_home(opts.home) if is_hub_ref(opts.base_dir) else Path("."))
+    base_dir = base.folder
     final = Path(opts.out_dir)
     with contextlib.ExitStack() as stack:
-        registry = _RegistryHandle(opts.home, opts.db_url)
+        registry = _RegistryHandle(opts.home, opts.db_url, opts.blob_url)
         stack.callback(registry.close)
-        checkpoint = open_checkpoint(opts.base_dir)  # once: merge, export and recipe share it
-        resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
+        checkpoint = open_checkpoint(base_dir)  # once: merge, export and recipe share it
+        resolved = resolve_adapters(opts.adapters, base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         reclaimed = _reclaim(registry, final) if opts.registers and not opts.replace_output else []
         opts.check_output()
@@ -187,7 +195,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             from exporters.onnx_export import export_merged_onnx
 
             summary = {"to": "onnx", **export_merged_onnx(
-                opts.base_dir, loaded, weights, build,
+                base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
                 accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint)}
@@ -199,16 +207,19 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         if token is not None:
             registry.get().output_placed(token, final)
             fault_point("output_placed")
-        _keep_sources_restrictive(final, opts.base_dir, resolved)
+        _keep_sources_restrictive(final, base_dir, resolved)
         summary["adapters"] = [r.describe(w) for r, w in zip(resolved, weights)]
         effective_dtype = summary.get("dtype", opts.dtype) if opts.target == "onnx" else opts.dtype
         if opts.registers:
             summary["artifact"] = register_output(
                 registry.get(), opts.target, final, summary["digests"], checkpoint, base_files, resolved, weights,
-                effective_dtype, opts.accumulate, summary, output=token)
+                effective_dtype, opts.accumulate, summary, output=token,
+                hub={"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
             registry.registered = True
         if reclaimed:
             summary["reclaimed"] = reclaimed
+        if base.repo_id:
+            summary["base"] = {"repo": base.repo_id, "commit": base.commit, "folder": str(base_dir)}
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -269,8 +280,8 @@ def parse_size(text: str | int) -> int:
 class _RegistryHandle:
     """One registry handle per job, opened on first use and closed at the end."""
 
-    def __init__(self, home: Path | None, db_url: str | None):
-        self._home, self._db_url, self._reg = home, db_url, None
+    def __init__(self, home: Path | None, db_url: str | None, blob_url: str | None = None):
+        self._home, self._db_url, self._blob_url, self._reg = home, db_url, blob_url, None
         self.registered = False
 
     def get(self, create: bool = False):
@@ -278,7 +289,7 @@ class _RegistryHandle:
         if self._reg is None:
             from registry.api import Registry
 
-            self._reg = Registry.open(self._home, self._db_url, create=create)
+            self._reg = Registry.open(self._home, self._db_url, blob_url=self._blob_url, create=create)
         return self._reg
 
     def close(self) -> None:

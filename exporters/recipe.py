@@ -83,8 +83,10 @@ class BaseDigests:
 
 def build_recipe(kind: str, checkpoint: Checkpoint, base_digests: dict[str, str], adapters: Sequence[Any],
                  weights: Sequence[float], dtype: str, accumulate: str,
-                 summary: dict[str, Any], adapter_digests: Sequence[str | None]) -> dict[str, Any]:
-    """The artifact's recipe. `adapters` are `ResolvedAdapter`s (anything with `describe(w)`)."""
+                 summary: dict[str, Any], adapter_digests: Sequence[str | None],
+                 hub: dict[str, str] | None = None) -> dict[str, Any]:
+    """The artifact's recipe. `adapters` are `ResolvedAdapter`s (anything with `describe(w)`).
+    `hub` ({"repo", "commit"}) names the base when it was resolved from the Hugging Face Hub."""
     cfg = checkpoint.config
     recipe = {
         "kind": kind,
@@ -94,6 +96,7 @@ def build_recipe(kind: str, checkpoint: Checkpoint, base_digests: dict[str, str]
             "architectures": cfg.get("architectures"),
             "name_or_path": cfg.get("_name_or_path"),
             "files": {p.name: base_digests[p.name] for p in checkpoint.paths},
+            **({"hub": hub} if hub else {}),
         },
         "adapters": [{**r.describe(w), "folder_digest": d} for r, w, d in zip(adapters, weights, adapter_digests)],
         "dtype": dtype,
@@ -122,12 +125,15 @@ def adapter_digest(registry: Any, adapter: Adapter, version: Any | None) -> str 
 
 def register_output(registry: Any, kind: str, out_dir: Path, files: dict[str, str] | None, checkpoint: Checkpoint,
                     base_digests: dict[str, str], resolved: Sequence[Any], weights: Sequence[float], dtype: str,
-                    accumulate: str, summary: dict[str, Any], output: int | None = None) -> dict[str, Any]:
+                    accumulate: str, summary: dict[str, Any], output: int | None = None,
+                    hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Record the output (whose `files` digests were taken while it was written) as an
     artifact whose lineage points at every registry version that went in. `files=None`
-    (an exporter that does not hash as it writes) lets the registry hash the output."""
+    (an exporter that does not hash as it writes) lets the registry hash the output.
+    `hub` ({"repo", "commit"}) names the base when it was resolved from the Hugging Face Hub."""
     digests = [adapter_digest(registry, r.adapter, r.version) for r in resolved]
-    recipe = build_recipe(kind, checkpoint, base_digests, resolved, weights, dtype, accumulate, summary, digests)
+    recipe = build_recipe(kind, checkpoint, base_digests, resolved, weights, dtype, accumulate, summary, digests,
+                          hub=hub)
     inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]
     info = registry.register_artifact(kind=kind, path=out_dir, files=files, recipe=recipe, inputs=inputs,
                                       output=output, report=summary.get("validation"))

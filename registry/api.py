@@ -30,13 +30,23 @@ from registry import (
     queries,
     refs,
 )
-from registry.blobs import BlobStore, Progress
+from registry.blob_backend import BlobBackend
+from registry.blob_config import (
+    BLOB_URL,
+    check_agreement,
+    given_blob_url,
+    local_backend,
+    open_backend,
+)
+from registry.blob_config import recorded as recorded_setting
+from registry.blobs import Progress
 from registry.config import resolve_home, resolve_url, sqlite_file
 from registry.db import Database, ensure_schema, is_sqlite
 from registry.digests import manifest_digest
 from registry.errors import IntegrityError, RegistryError
 from registry.file_digests import file_digests
 from registry.folders import check_base
+from registry.hub import base_identity, resolve_base
 from registry.info import ArtifactInfo, GcReport, VerifyReport, VersionInfo
 from registry.names import artifact_ref, parse_meta
 
@@ -44,31 +54,52 @@ from registry.names import artifact_ref, parse_meta
 class Registry:
     """A handle on one store (database + blob directory). Not shared between threads."""
 
-    def __init__(self, home: Path, url: str):
+    def __init__(self, home: Path, url: str, blob_url: str | None = None):
         self.home = home
         self.url = url
         self.db = Database(url)
         self.engine = self.db.engine
-        self.blobs = BlobStore(home / "blobs")
+        self._given_blob_url = given_blob_url(blob_url)
+        self._blobs: BlobBackend | None = None
         self._read = self.db.read  # sessions for tests and benchmarks that look at rows
         self._write = self.db.write
 
+    @property
+    def blobs(self) -> BlobBackend:
+        """The blob backend (local directory, or the S3 bucket recorded in the database),
+        opened on first use: listing never imports boto3 (see `registry.blob_config`)."""
+        if self._blobs is None:
+            with self.db.read() as s:
+                self._blobs = open_backend(self.home, self._given_blob_url, s, self.db.writing)
+        return self._blobs
+
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, home: str | Path | None = None, db_url: str | None = None, *, create: bool = True) -> Registry:
+    def open(cls, home: str | Path | None = None, db_url: str | None = None,
+             blob_url: str | None = None, *, create: bool = True) -> Registry:
         """Open a store; with `create` (the default) make it if needed (home 0700, database 0600).
 
         home: arg, else ADAPTERS_HOME, else the user data dir. db_url: arg, else
-        ADAPTERS_DB_URL, else `<home>/registry.db` (SQLite). The SQLite schema upgrades itself;
-        an empty PostgreSQL database is initialised; an older one needs `adapters db upgrade`.
+        ADAPTERS_DB_URL, else `<home>/registry.db` (SQLite). blob_url: arg, else
+        ADAPTERS_BLOB_URL, else the URL recorded in the database, else `<home>/blobs`
+        (see `registry.blob_config`; a URL differing from the recorded one is an error).
+        The SQLite schema upgrades itself; an empty PostgreSQL database is initialised; an
+        older one needs `adapters db upgrade`.
         Without `create`, a missing home or SQLite file raises `StoreMissing` (nothing created).
         """
         home = resolve_home(home, create=create)
         url = resolve_url(home, db_url)
         if is_sqlite(url) and url == resolve_url(home):
             sqlite_file(home, create)
-        reg = cls(home, url)
+        reg = cls(home, url, blob_url)
         ensure_schema(reg.engine, auto=is_sqlite(url), lock_path=home / ".schema.lock")
+        with reg.db.read() as s:  # one small query; the backend itself imports nothing heavy
+            recorded_url = recorded_setting(s, BLOB_URL)
+            check_agreement(recorded_url, reg._given_blob_url)
+        if not recorded_url and not reg._given_blob_url:
+            # the home's blob directory exists from open (as before backends); which backend is
+            # used is decided at first use, so a URL another machine binds meanwhile is seen
+            local_backend(home)
         return reg
 
     def close(self) -> None:
@@ -86,6 +117,10 @@ class Registry:
              parent: str | None = None, tags: Sequence[str] = (), meta: dict[str, str] | Iterable[str] | None = None,
              message: str | None = None, progress: Progress | None = None) -> VersionInfo:
         """Store an adapter folder as the next version of `name` (or answer the identical one)."""
+        base = resolve_base(base_dir, self.home)  # a folder, or hf:ORG/NAME[@REV] through the HF cache
+        if base is not None:
+            base_model, base_revision = base_identity(base, base_model, base_revision)
+            base_dir = base.folder
         return ingest.push(self.db, self.blobs, folder, name, base_model=base_model, base_revision=base_revision,
                            base_dir=base_dir, parent=parent, tags=tags, meta=meta, message=message,
                            progress=progress)
@@ -131,7 +166,8 @@ class Registry:
 
     def check_base(self, ref: str, base_dir: str | Path) -> list[str]:
         """Differences between the base weights recorded at push and those in `base_dir`."""
-        return check_base(self.resolve(ref).base_files, base_dir, self.file_digests)
+        folder = resolve_base(base_dir, self.home).folder  # hf:ORG/NAME[@REV] too
+        return check_base(self.resolve(ref).base_files, folder, self.file_digests)
 
     def file_digests(self, paths: Sequence[str | Path], progress: Progress | None = None) -> dict[str, str]:
         """{file name: `sha256:<hex>`} of local files, hashing only those whose (path, size,
@@ -180,7 +216,6 @@ class Registry:
         """References starting with `prefix`, for shell completion: names, `name:N`, `name@alias`."""
         return queries.complete_refs(self.db, prefix, limit)
 
-    # ------------------------------------------------------------------ verify / gc
     # ------------------------------------------------------------------ outputs being written
     def begin_output(self, path: str | Path, kind: str) -> int:
         """Record an output this process starts writing (before its first byte); returns a token."""
@@ -198,13 +233,17 @@ class Registry:
         """Remove what killed merges left at `path` (their partial folder, their unregistered output)."""
         return outputs.reclaim(self.db, path)
 
-    def verify(self, progress: Progress | None = None) -> VerifyReport:
-        """Re-hash every blob and artifact file, walk the audit chain. `report.ok` is False on damage."""
-        return maintenance.verify(self.db, self.blobs, progress)
+    # ------------------------------------------------------------------ verify / gc
+    def verify(self, progress: Progress | None = None, full: bool = False) -> VerifyReport:
+        """Check every blob and artifact file, walk the audit chain. `report.ok` is False on damage.
 
-    def gc(self, dry_run: bool = False) -> GcReport:
-        """Remove blobs no version references and leftovers of interrupted writes (audited)."""
-        return maintenance.gc(self.db, self.blobs, self.home, dry_run)
+        Local blobs are always re-hashed; remote ones get the backend's cheap check unless `full`."""
+        return maintenance.verify(self.db, self.blobs, progress, full=full)
+
+    def gc(self, dry_run: bool = False, grace_s: float | None = None) -> GcReport:
+        """Mark and sweep: remove blobs no version references (remote ones only when older than
+        the grace period) and leftovers of interrupted writes (audited)."""
+        return maintenance.gc(self.db, self.blobs, self.home, dry_run, grace_s=grace_s)
 
     def record_verify(self, report: dict[str, Any]) -> dict[str, Any]:
         """Keep `report` (a VerifyReport dict) as this home's last verify result, stamped; returns it."""

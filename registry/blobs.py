@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry.blob_backend import BlobEntry, CheckResult
 from registry.copying import Progress, copy_hashing, fsync_dir, hash_file
 from registry.digests import hex_of, is_digest, sha256_name
 from registry.errors import IntegrityError, RegistryError
@@ -48,8 +49,12 @@ def missing(digest: str) -> str:
 class BlobStore:
     """Blobs under one directory; see the module docstring for the write protocol."""
 
+    remote = False
+    sweep_grace_s = 0.0  # publishing happens inside the write transaction: no race with gc
+
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.url = str(self.root)
         self.objects = self.root / "sha256"
         self.tmpdir = self.root / "tmp"
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -153,6 +158,12 @@ class BlobStore:
             raise IntegrityError(f"blob {digest} is corrupt (its bytes hash to {got})")
         return size
 
+    def check_blob(self, digest: str, size: int, *, full: bool = True,
+                   progress: Progress | None = None) -> CheckResult:
+        """Local blobs are always re-read in full (a local read is as cheap as it gets)."""
+        problem = self.check(digest, progress)
+        return CheckResult(problem, 0 if problem and "missing" in problem else size)
+
     def check(self, digest: str, progress: Progress | None = None) -> str | None:
         """None if blob `digest` is present and intact, else a one-line problem (`missing(...)` for
         a blob that is not there)."""
@@ -177,7 +188,20 @@ class BlobStore:
                 if len(f.name) == 64:
                     yield sha256_name(f.name), f.stat().st_size
 
-    def leftovers(self) -> Iterator[tuple[Path, int]]:
+    def iter_blobs(self) -> Iterator[BlobEntry]:
+        """Every blob file on disk with its size and modification time."""
+        for digest, _ in self.iter_digests():
+            try:
+                st = self.path(digest).stat()
+            except FileNotFoundError:
+                continue
+            yield BlobEntry(digest, st.st_size, st.st_mtime)
+
+    def remove_leftover(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            Path(name).unlink()
+
+    def leftovers(self, older_than_s: float = 0.0) -> Iterator[tuple[Path, int]]:
         """Temp files whose writer is gone (their lock is free): (path, size)."""
         for f in sorted(self.tmpdir.iterdir()):
             try:

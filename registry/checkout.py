@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from registry import audit, modes, refs
-from registry.blobs import BlobStore
+from registry.blob_backend import BlobBackend
 from registry.copying import Progress, fsync_dir, hash_file
 from registry.db import Database
 from registry.digests import hex_of, is_digest, manifest_digest
@@ -25,7 +25,7 @@ CACHE = "cache"
 TMP_MARK = ".tmp-"  # `.<folder>.tmp-<pid>-<random>`: gc removes those whose process is gone
 
 
-def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None,
+def pull(db: Database, blobs: BlobBackend, ref: str, out: str | Path | None = None,
          progress: Progress | None = None) -> Path:
     """Write the version's PEFT folder to `out` (default ./<name>-<N>), verifying every digest."""
     info = checked(refs.resolve(db, ref))
@@ -39,7 +39,7 @@ def pull(db: Database, blobs: BlobStore, ref: str, out: str | Path | None = None
     return dest
 
 
-def materialize(db: Database, blobs: BlobStore, home: Path, ref: str) -> Path:
+def materialize(db: Database, blobs: BlobBackend, home: Path, ref: str) -> Path:
     """A verified PEFT folder for `ref`, cached under the home and re-verified on each call.
 
     The cache folder is named by the version's digest, checked first (`sha256:` + 64 hex) and
@@ -86,7 +86,7 @@ def _cached_ok(cache: Path, f: dict) -> bool:
     return p.is_file() and not p.is_symlink() and hash_file(p)[0] == f["digest"]
 
 
-def write_folder(blobs: BlobStore, info: VersionInfo, dest: Path, progress: Progress | None = None) -> None:
+def write_folder(blobs: BlobBackend, info: VersionInfo, dest: Path, progress: Progress | None = None) -> None:
     """Copy a version's verified blobs into a temp folder beside `dest`, then rename it there.
 
     Each file gets the permission bits recorded at push (0600 for rows without one), within

@@ -97,6 +97,8 @@ class VerifyReport:
     bytes: int = 0
     events: int = 0
     artifacts: int = 0
+    bytes_read: int = 0  # blob content actually read (0 for a cheap remote check)
+    mode: str = "full"  # "full": every blob re-hashed; "cheap": remote metadata only
 
     @property
     def ok(self) -> bool:
@@ -105,6 +107,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "problems": self.problems, "warnings": self.warnings,
                 "blobs_checked": self.blobs, "bytes_checked": self.bytes,
+                "blob_bytes_read": self.bytes_read, "mode": self.mode,
                 "events_checked": self.events, "artifacts_checked": self.artifacts}
 
 
@@ -115,7 +118,10 @@ class GcReport:
     leftovers: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     unfinished: list[str] = field(default_factory=list)  # outputs of killed merges, left for the user
+    kept_young: list[str] = field(default_factory=list)  # unreferenced but within the grace period
+    cache_trimmed: int = 0  # read-through cache entries removed
 
     def to_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "blobs_removed": self.blobs, "leftovers_removed": self.leftovers,
-                "bytes_freed": self.bytes_freed, "unfinished_outputs": self.unfinished}
+                "bytes_freed": self.bytes_freed, "unfinished_outputs": self.unfinished,
+                "kept_within_grace": self.kept_young, "cache_entries_trimmed": self.cache_trimmed}

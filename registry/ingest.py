@@ -23,7 +23,8 @@ from typing import Any
 from sqlalchemy import select
 
 from registry import aliases, audit, records, refs
-from registry.blobs import BlobStore, Progress, Staged
+from registry.blob_backend import BlobBackend
+from registry.blobs import Progress, Staged
 from registry.config import actor
 from registry.db import Database
 from registry.digests import canonical, manifest_digest
@@ -42,7 +43,7 @@ MAX_MESSAGE = 4000
 PUBLISH_TRIES = 3
 
 
-def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_model: str | None = None,
+def push(db: Database, blobs: BlobBackend, folder: str | Path, name: str, *, base_model: str | None = None,
          base_revision: str | None = None, base_dir: str | Path | None = None, parent: str | None = None,
          tags: Sequence[str] = (), meta: dict[str, str] | Iterable[str] | None = None,
          message: str | None = None, progress: Progress | None = None) -> VersionInfo:
@@ -146,7 +147,7 @@ def push(db: Database, blobs: BlobStore, folder: str | Path, name: str, *, base_
             blobs.discard(st)
 
 
-def _stage_all(db: Database, blobs: BlobStore, folder: Path, files: list[Path], staged: list[Staged],
+def _stage_all(db: Database, blobs: BlobBackend, folder: Path, files: list[Path], staged: list[Staged],
                progress: Progress | None) -> dict[str, Any] | None:
     """Copy+hash every file into `staged`; returns the validated spec, or None when the content
     is probably an existing version's (its recorded spec is used then, or validation runs late).
@@ -168,9 +169,11 @@ def _stage_all(db: Database, blobs: BlobStore, folder: Path, files: list[Path], 
     return spec
 
 
-def _stage(db: Database, blobs: BlobStore, path: Path, progress: Progress | None) -> Staged:
-    """Copy+hash a file; hash only when a blob of the same size exists (a likely re-push)."""
-    if _has_size(db, path.stat().st_size):
+def _stage(db: Database, blobs: BlobBackend, path: Path, progress: Progress | None) -> Staged:
+    """Copy+hash a file; hash only when a blob of the same size exists (a likely re-push).
+
+    A remote backend's staging always only hashes (it uploads at `make_durable`)."""
+    if not blobs.remote and _has_size(db, path.stat().st_size):
         st = blobs.stage_hash_only(path, progress)
         if blobs.exists(st.digest):
             return st
@@ -185,10 +188,11 @@ class _BlobVanished(Exception):
         self.staged = staged
 
 
-def _publish(s, blobs: BlobStore, staged: list[Staged]) -> None:
-    """Rename staged blobs to their digests and record them (inside the write transaction)."""
+def _publish(s, blobs: BlobBackend, staged: list[Staged]) -> None:
+    """Publish staged blobs under their digests and record them (inside the write transaction;
+    a remote backend re-checks each blob here and uploads again what a gc removed)."""
     for st in staged:
-        if st.tmp is None and not blobs.exists(st.digest):
+        if not blobs.remote and st.tmp is None and not blobs.exists(st.digest):
             raise _BlobVanished(st)
         blobs.publish(st)
         if s.get(Blob, st.digest) is None:

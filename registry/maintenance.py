@@ -9,10 +9,11 @@ about to judge unreferenced; a push's temp files are flock-ed by their writer an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy import func, select
 
 from registry import audit, file_digests, outputs, records, refs, signing
 from registry.artifacts import damage
-from registry.blobs import BlobStore
+from registry.blob_backend import BlobBackend
 from registry.blobs import missing as blob_missing
 from registry.checkout import CACHE, TMP_MARK
 from registry.copying import Progress
@@ -64,29 +65,41 @@ def delete(db: Database, ref: str) -> str:
     return label
 
 
-def verify(db: Database, blobs: BlobStore, progress: Progress | None = None) -> VerifyReport:
-    """Re-hash every blob and artifact file, recompute the rows against the audit events
+def verify(db: Database, blobs: BlobBackend, progress: Progress | None = None,
+           full: bool = False) -> VerifyReport:
+    """Check every blob and artifact file, recompute the rows against the audit events
     (`registry.records`), walk the audit chain and check its signature (`registry.signing`).
     `report.ok` is False on damage.
+
+    Local blobs are always re-hashed. Remote blobs get the backend's cheap check (S3: one
+    HEAD each, 16 in flight: presence, size, recorded digest and stored SHA-256 checksum)
+    unless `full`, which re-reads and re-hashes every byte (2 blobs at a time: each streams
+    with its own parallel ranges). `report.bytes_read` says how many blob bytes were read.
 
     Everything is read in one snapshot (PostgreSQL: REPEATABLE READ). A blob found missing is
     judged again under the writer lock with fresh rows: a `gc` that ran meanwhile may have
     removed it legitimately (its version deleted after the snapshot), which is not damage.
     """
     rep = VerifyReport()
-    missing: list[str] = []
+    rep.mode = "full" if full or not blobs.remote else "cheap"
+    missing: list[tuple[str, int]] = []
     with db.read() as s:
         if s.get_bind().dialect.name == "postgresql":
             s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         recorded = s.execute(select(Blob.digest, Blob.size).order_by(Blob.digest)).all()
         referenced = set(s.scalars(select(VersionFile.blob).distinct()))
         pause_point("verify_listed")
-        for digest, size in recorded:
-            problem = blobs.check(digest, progress)
+        workers = (2 if full else 16) if blobs.remote else 1
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(lambda b: blobs.check_blob(b[0], b[1], full=full, progress=progress),
+                                    recorded))
+        for (digest, size), result in zip(recorded, results):
+            problem = result.problem
             rep.blobs += 1
             rep.bytes += size
-            if problem == blob_missing(digest) and digest in referenced:
-                missing.append(digest)
+            rep.bytes_read += result.bytes_read
+            if problem and problem.startswith(blob_missing(digest)) and digest in referenced:
+                missing.append((digest, size))
             elif problem and digest in referenced:
                 rep.problems.append(f"{problem} (used by {', '.join(_users(s, digest))})")
             elif problem:
@@ -131,40 +144,64 @@ def _users(s, digest: str) -> list[str]:
         .where(VersionFile.blob == digest).limit(USERS_SHOWN))]
 
 
-def _recheck_missing(db: Database, blobs: BlobStore, digests: list[str], rep: VerifyReport) -> None:
+def _recheck_missing(db: Database, blobs: BlobBackend, found: list[tuple[str, int]], rep: VerifyReport) -> None:
     """Blobs missing in the snapshot: damage only if, with no gc running (writer lock) and fresh
-    rows, a version still uses them and they are still not there."""
+    rows, a version still uses them and they are still not there (the backend's cheap check)."""
     with db.writing() as s:
-        for digest in digests:
+        for digest, size in found:
             users = _users(s, digest)
-            if users and blobs.check(digest) is not None:
-                rep.problems.append(f"{blob_missing(digest)} (used by {', '.join(users)})")
+            if not users:
+                continue
+            problem = blobs.check_blob(digest, size, full=False).problem
+            if problem is not None:
+                rep.problems.append(f"{problem} (used by {', '.join(users)})")
 
 
-def gc(db: Database, blobs: BlobStore, home: Path, dry_run: bool = False) -> GcReport:
-    """Remove blobs no version references and leftovers of interrupted writes (audited)."""
+def gc(db: Database, blobs: BlobBackend, home: Path, dry_run: bool = False,
+       grace_s: float | None = None) -> GcReport:
+    """Mark and sweep: remove blobs no version references and leftovers of interrupted
+    writes (audited), under the writer lock so no push commits meanwhile.
+
+    Blobs younger than `grace_s` (default: the backend's; S3: 1 hour, or
+    $ADAPTERS_GC_GRACE_S) are kept: a push uploads to S3 before its transaction commits, so
+    a fresh unreferenced blob may be about to be referenced (and a push re-checks its blobs
+    under the lock, uploading again what a gc removed). A remote store's local read-through
+    cache is trimmed too (unreferenced entries, then down to its size bound).
+    """
     rep = GcReport(dry_run=dry_run)
+    grace = blobs.sweep_grace_s if grace_s is None else grace_s
+    if grace < 0:
+        raise RegistryError(f"--grace {grace_s}: must not be negative")
     with db.read() if dry_run else db.writing() as s:
         referenced = set(s.scalars(select(VersionFile.blob).distinct()))
-        for digest, size in list(blobs.iter_digests()):
-            if digest not in referenced:
-                rep.blobs.append(digest)
-                rep.bytes_freed += size
-                if not dry_run:
-                    blobs.remove(digest)
+        now = time.time()
+        for entry in list(blobs.iter_blobs()):
+            if entry.digest in referenced:
+                continue
+            if now - entry.modified < grace:
+                rep.kept_young.append(entry.digest)
+                continue
+            rep.blobs.append(entry.digest)
+            rep.bytes_freed += entry.size
+            if not dry_run:
+                blobs.remove(entry.digest)
         for digest in s.scalars(select(Blob.digest)).all():
             if digest not in referenced and not dry_run:
                 s.execute(sql_delete(Blob).where(Blob.digest == digest))
-        for tmp, size in list(blobs.leftovers()):
-            rep.leftovers.append(str(tmp))
+        for name, size in list(blobs.leftovers(grace)):
+            rep.leftovers.append(str(name))
             rep.bytes_freed += size
             if not dry_run:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+                blobs.remove_leftover(str(name))
         rep.bytes_freed += _cache_leftovers(home / CACHE, rep, dry_run)
         partials, freed, rep.unfinished = outputs.gc_leftovers(s, dry_run)
         rep.leftovers.extend(partials)
         rep.bytes_freed += freed
+        cache = getattr(blobs, "cache", None)
+        if cache is not None:
+            trimmed, freed = cache.trim(keep=referenced, dry_run=dry_run)
+            rep.cache_trimmed = len(trimmed)
+            rep.bytes_freed += freed
         if not dry_run:
             file_digests.prune(s)
             audit.append(s, "gc", "store", {"blobs_removed": len(rep.blobs),

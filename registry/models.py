@@ -233,3 +233,10 @@ class Output(Base):
     inode: Mapped[int | None] = mapped_column(BigInteger)
     started: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     __table_args__ = (Index("ix_outputs_path", "path"),)
+
+class Setting(Base):
+    """Store-wide configuration every machine must agree on (e.g. `blob_url`, `store_id`)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)

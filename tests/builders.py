@@ -331,3 +331,35 @@ def write_tiny_onnx(folder: Path, inputs: tuple[str, ...] = ("input_ids", "atten
             e.key, e.value = k, v
     onnx.save(model, str(folder / "model.onnx"))
     return folder
+
+# ----------------------------------------------------------------------------- Hugging Face cache
+
+def write_hf_cache(cache: Path, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
+                   refs: tuple[str, ...] = ("main",)) -> str:
+    """Lay out `repo_id` in a Hugging Face cache as huggingface_hub does; returns the commit.
+
+    `models--ORG--NAME/blobs/<id>` holds each file once (id: sha256 for LFS files, here
+    `*.safetensors`; the git blob sha1 for the others), `snapshots/<commit>/<path>` are
+    relative symlinks to the blobs, `refs/<branch>` holds the commit.
+    """
+    import hashlib
+    import os
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = commit or hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for path, data in files.items():
+        if path.endswith(".safetensors"):
+            blob_id = hashlib.sha256(data).hexdigest()
+        else:
+            blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (repo / "blobs" / blob_id).write_bytes(data)
+        link = snap / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(repo / "blobs" / blob_id, link.parent), link)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return commit
