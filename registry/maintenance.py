@@ -238,7 +238,7 @@ def _cache_leftovers(cache: Path, rep: GcReport, dry_run: bool) -> int:
             pid = int(d.name.split(TMP_MARK)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if _alive(pid):
+        if outputs.process_alive(pid):
             continue
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         rep.leftovers.append(str(d))
@@ -247,12 +247,3 @@ def _cache_leftovers(cache: Path, rep: GcReport, dry_run: bool) -> int:
             shutil.rmtree(d, ignore_errors=True)
     return freed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
