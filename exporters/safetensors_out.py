@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
 import os
 import resource
 import time
@@ -32,6 +31,8 @@ from mora_core.adapter import Adapter
 from mora_core.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from mora_core.merge import ProgressFn, plan_merge, stream_merge
 from mora_core.safetensors_io import PlannedTensor, SafetensorsFile, dtype_code, encode_header
+from registry.copying import BUFFER as HASH_BUFFER
+from registry.copying import hash_range
 
 SHARD_METADATA = {"format": "pt"}
 COPY_CHUNK = 1 << 30  # one copy_file_range call at most (the kernel may do less)
@@ -52,8 +53,9 @@ class HashingShardWriter:
     bytes written, hashed by that thread while the caller goes on. The hash of one tensor
     is settled at the start of the next call (the merge loop keeps a written tensor
     intact until then: see `mora_core.merge.TensorWriter`), so it overlaps both the write
-    and the next tensor's merge. Raw copies go through the kernel; their hash reads a
-    short-lived map of the source range. Without a hasher nothing is hashed.
+    and the next tensor's merge. Raw copies go through the kernel; the hash thread reads
+    their source range again (page cache) through one reused buffer. Without a hasher
+    nothing is hashed.
     """
 
     def __init__(self, path: Path, plan: Sequence[PlannedTensor], hasher: ThreadPoolExecutor | None,
@@ -64,6 +66,7 @@ class HashingShardWriter:
         self._hasher = hasher
         self._h = hashlib.sha256() if hasher is not None else None
         self._pending: tuple[Future | None, Callable[[], None] | None] | None = None
+        self._buf: bytearray | None = None  # the raw copies' hash buffer, reused
         self.digest: str | None = None
         self.bytes = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -92,9 +95,9 @@ class HashingShardWriter:
             if release is not None:
                 release()
 
-    def _hash_later(self, view: memoryview, release: Callable[[], None] | None = None) -> None:
+    def _hash_later(self, view: memoryview) -> None:
         job = self._hasher.submit(self._h.update, view) if self._h is not None else None
-        self._pending = (job, release)
+        self._pending = (job, None)
 
     def _write_all(self, view: memoryview) -> None:
         done = 0
@@ -117,7 +120,8 @@ class HashingShardWriter:
             self._write_all(view)
 
     def copy(self, planned: PlannedTensor, source: SafetensorsFile, name: str) -> None:
-        """Append a tensor's bytes unchanged from `source`: kernel copy, hashed from a map."""
+        """Append a tensor's bytes unchanged from `source`: a kernel copy, hashed by the hash
+        thread with positioned reads through one reused buffer (no map: RSS stays bounded)."""
         self._settle()
         got = self._expect(planned.name)
         info = source.tensors[name]
@@ -125,21 +129,20 @@ class HashingShardWriter:
             raise RuntimeError(f"{got.name}: raw copy of {info.dtype} into planned {got.dtype}")
         if not info.nbytes:
             return
-        with open(source.path, "rb", buffering=0) as fin:
-            if self._h is not None:
-                start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
-                mm = mmap.mmap(fin.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
-                with contextlib.suppress(AttributeError, OSError):
-                    mm.madvise(mmap.MADV_SEQUENTIAL)
-                view = memoryview(mm)[info.begin - start:]
-
-                def release(view: memoryview = view, mm: mmap.mmap = mm) -> None:
-                    view.release()
-                    mm.close()
-
-                self._hash_later(view, release)
-            _copy_range(fin.fileno(), self._fd, info.begin, info.nbytes)
+        fd = os.open(source.path, os.O_RDONLY)
+        try:
+            _copy_range(fd, self._fd, info.begin, info.nbytes)
+        except BaseException:
+            os.close(fd)
+            raise
         self.bytes += info.nbytes
+        if self._h is None:
+            os.close(fd)
+            return
+        if self._buf is None:
+            self._buf = bytearray(HASH_BUFFER)
+        job = self._hasher.submit(hash_range, self._h, fd, info.begin, info.nbytes, self._buf)
+        self._pending = (job, lambda: os.close(fd))
 
     def finish(self) -> None:
         """Check every planned tensor arrived and set `digest` (the fsync is `sync_and_close`)."""

@@ -1,29 +1,36 @@
-"""Copy while hashing, and hash: every byte of a file is read from storage once.
+"""Copy while hashing, and hash: every byte of a file is read from storage once, through a
+bounded buffer.
 
-`copy_hashing` copies an open source to an open destination and returns its sha256, reading
-the source once (Linux: the kernel copies with sendfile while a second thread hashes the same
-pages through a read-only map; elsewhere a chunked pump that hashes each chunk while it is
-written). `hash_file` is the same pump without a destination. Both are used by the blob store
-(push, pull, verify) and by the file digest cache; nothing here knows about the database.
+`copy_hashing` copies an open source to an open destination and returns its sha256;
+`hash_file` hashes a file; `hash_range` hashes a byte range of an open file into a running
+hash (the safetensors writer's raw copies). All three read with `readinto` into buffers of
+BUFFER bytes that are reused from read to read, never through a memory map of the whole
+file: every page of a map counts in the process's RSS until it is unmapped, so hashing a
+10 GB ONNX weights file that way looked like 10 GB of memory. Used by the blob store (push,
+pull, verify), the file digest cache and the exporters; nothing here knows about the
+database.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from registry.digests import sha256_name
-from registry.errors import RegistryError
 from registry.faults import fault_point
 
-CHUNK = 1024 * 1024  # 1 MiB: stays in CPU cache between read, hash and write (8 MiB is ~2x slower)
+# Bytes per read. A hash running in a thread beside a busy Python thread (a merge importing
+# torch) takes the GIL back after every read and every update, and may wait up to the
+# interpreter's switch interval (5 ms) each time: at 1 MiB per hand-off that caps it near
+# 200 MB/s, at 8 MiB it outruns sha256 itself. Two buffers at most are alive per copy.
+BUFFER = 8 * 1024 * 1024
+CHUNK = BUFFER  # the name other modules import
 SYNC_EVERY = 128 * 1024 * 1024
-SEND = 16 * 1024 * 1024
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 
 
@@ -38,160 +45,88 @@ def fsync_dir(path: Path) -> None:
 
 
 def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
-    """(digest, size) of a file, one sequential read."""
+    """(digest, size) of a file: one sequential read through one reused buffer."""
+    h = hashlib.sha256()
+    buf = bytearray(BUFFER)
+    view = memoryview(buf)
+    total = 0
     with open(path, "rb", buffering=0) as fh:
-        return _pump(fh, None, progress)
+        while n := fh.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on big buffers
+            total += n
+            if progress:
+                progress(n)
+    return sha256_name(h.hexdigest()), total
+
+
+def hash_range(h: Any, fd: int, offset: int, count: int, buf: bytearray | None = None) -> None:
+    """Feed `count` bytes of the open file `fd` from `offset` into the running hash `h`, with
+    positioned reads into `buf` (BUFFER bytes if None). OSError if the file ends early."""
+    buf = buf if buf is not None else bytearray(min(BUFFER, max(count, 1)))
+    view = memoryview(buf)
+    done = 0
+    while done < count:
+        n = os.preadv(fd, [view[: min(len(buf), count - done)]], offset + done)
+        if n == 0:
+            raise OSError(f"unexpected end of file hashing {count} bytes at offset {offset}")
+        h.update(view[:n])
+        done += n
 
 
 def copy_hashing(src, dst, progress: Progress | None, sync: bool = False) -> tuple[str, int]:
     """Copy src -> dst (open binary files) and return (digest, size), reading the source once.
 
-    Linux: the kernel copies (sendfile, as a plain `cp` does) while a second thread hashes the
-    same pages through a read-only mapping; elsewhere, or if that is refused, the chunked
-    `_pump`. Either way no byte is read twice from storage.
-
-    With `sync`, dst is also fsynced before returning. The kernel copy is about twice as
-    fast as the hash, so the fsync starts as soon as the copy is done and runs while the
-    hash finishes: the write-back overlaps the hashing instead of following it (on a
-    1 GiB file this is the difference between copy+fsync and hash+fsync in a row and
-    about the time of a plain copy).
+    Three things overlap: the calling thread reads the next buffer and writes, one worker
+    hashes the buffer just read, another flushes what is already written (fdatasync every
+    SYNC_EVERY bytes) so that dirty pages never pile up into write throttling. Two buffers
+    alternate: one is hashed and written while the other is filled. With `sync`, dst is
+    fsynced before returning, the last flush overlapping the last hash.
     """
-    size = os.fstat(src.fileno()).st_size
-    if size == 0 or not hasattr(os, "sendfile"):
-        return _pump_synced(src, dst, progress, sync)
-    try:
-        mm = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
-        return _pump_synced(src, dst, progress, sync)
-    fallback = False
-    try:
-        with contextlib.suppress(AttributeError, OSError):
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-        with ThreadPoolExecutor(2 if sync else 1) as pool:
-            digest_future = pool.submit(_hash_mapped, mm, size)
-            sync_future = None
-            off = 0
-            try:
-                while off < size:
-                    n = os.sendfile(dst.fileno(), src.fileno(), off, min(SEND, size - off))
-                    if n == 0:
-                        raise RegistryError(f"{src.name}: shorter than it was a moment ago (changed while copied)")
-                    off += n
-                    if progress:
-                        progress(n)
-                    if off < size:
-                        fault_point("copying")
-            except OSError:
-                if off:
-                    raise
-                fallback = True  # sendfile refused between these files: copy by hand
-            if sync and not fallback:
-                sync_future = pool.submit(os.fsync, dst.fileno())  # write-back overlaps the hash
-            digest = digest_future.result()
-            if sync_future is not None:
-                sync_future.result()
-    finally:
-        with contextlib.suppress(BufferError):
-            mm.close()
-    if fallback:
-        src.seek(0)
-        dst.seek(0)
-        dst.truncate()
-        return _pump_synced(src, dst, progress, sync)
-    return digest, size
-
-
-def _pump_synced(src, dst, progress: Progress | None, sync: bool) -> tuple[str, int]:
-    result = _pump(src, dst, progress)
-    if sync:
-        os.fsync(dst.fileno())
-    return result
-
-
-def _hash_mapped(mm: mmap.mmap, size: int) -> str:
     h = hashlib.sha256()
-    mv = memoryview(mm)
-    try:
-        for o in range(0, size, CHUNK):
-            h.update(mv[o:o + CHUNK])
-    finally:
-        mv.release()
-    return sha256_name(h.hexdigest())
+    bufs = [bytearray(BUFFER), bytearray(BUFFER)]
+    turn = 0
+    total = synced = 0
+    hashing: Future | None = None
+    flushing: Future | None = None
+    size = os.fstat(src.fileno()).st_size
+    with ThreadPoolExecutor(2, thread_name_prefix="copy-hash") as pool:
+        try:
+            while True:
+                view = memoryview(bufs[turn])
+                n = src.readinto(view)
+                if hashing is not None:
+                    hashing.result()  # hashes stay in order; the other buffer is free again
+                    hashing = None
+                if not n:
+                    break
+                chunk = view[:n]
+                hashing = pool.submit(h.update, chunk)
+                _write_all(dst, chunk)
+                total += n
+                turn ^= 1
+                if progress:
+                    progress(n)
+                if total - synced >= SYNC_EVERY and (flushing is None or flushing.done()):
+                    if flushing is not None:
+                        flushing.result()
+                    flushing = pool.submit(os.fdatasync, dst.fileno())
+                    synced = total
+                if total < size:
+                    fault_point("copying")
+            if flushing is not None:
+                flushing.result()
+                flushing = None
+            if sync:
+                os.fsync(dst.fileno())
+        finally:
+            for job in (hashing, flushing):  # never leave a worker on a buffer being dropped
+                if job is not None:
+                    with contextlib.suppress(Exception):
+                        job.result()
+    return sha256_name(h.hexdigest()), total
 
 
 def _write_all(dst, view: memoryview) -> None:
     done = 0
     while done < len(view):
         done += dst.write(view[done:])
-
-
-def _pump(src, dst, progress: Progress | None) -> tuple[str, int]:
-    """Copy src -> dst (dst may be None: hash only), hashing each chunk while it is written.
-
-    Regular files are memory-mapped: the hash reads the mapped pages and `write` copies
-    them straight into the destination, so bytes are copied once, as by a plain copy.
-    Three things overlap: the main thread writes, one thread hashes the chunk being
-    written, and another flushes what is already written (fdatasync every SYNC_EVERY
-    bytes), so dirty pages never pile up into write throttling and the final fsync only
-    waits for the tail. (A source truncated by someone else mid-copy kills the process
-    with SIGBUS; nothing is published in that case.)
-    """
-    try:
-        size = os.fstat(src.fileno()).st_size
-        mm = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    except (OSError, ValueError, AttributeError):
-        mm = None
-    if mm is None:
-        return _pump_chunks(iter(lambda: _read_chunk(src), None), dst, progress, None)
-    try:
-        with contextlib.suppress(AttributeError, OSError):
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-        mv = memoryview(mm)
-        try:
-            return _pump_chunks((mv[o:o + CHUNK] for o in range(0, size, CHUNK)), dst, progress, size)
-        finally:
-            mv.release()
-    finally:
-        with contextlib.suppress(BufferError):
-            mm.close()
-
-
-def _read_chunk(src) -> memoryview | None:
-    buf = bytearray(CHUNK)
-    n = src.readinto(buf)
-    return memoryview(buf)[:n] if n else None
-
-
-def _pump_chunks(chunks, dst, progress: Progress | None, size: int | None) -> tuple[str, int]:
-    h = hashlib.sha256()
-    total = 0
-    synced = 0
-    sync_future = None
-    with ThreadPoolExecutor(2) as pool:
-        pending = None
-        for view in chunks:
-            n = len(view)
-            if dst is None:
-                h.update(view)
-            else:
-                if pending is not None:
-                    pending.result()  # hashes stay in order
-                pending = pool.submit(h.update, view)  # hashlib releases the GIL on big buffers
-                _write_all(dst, view)
-                if total + n - synced >= SYNC_EVERY and (sync_future is None or sync_future.done()):
-                    if sync_future is not None:
-                        sync_future.result()
-                    sync_future = pool.submit(os.fdatasync, dst.fileno())
-                    synced = total + n
-                if size is not None and total + n < size:
-                    fault_point("copying")
-            total += n
-            if progress:
-                progress(n)
-            view = None  # noqa: PLW2901 - drop the mapped slice before the map closes
-        if pending is not None:
-            pending.result()
-            pending = None
-        if sync_future is not None:
-            sync_future.result()
-    return sha256_name(h.hexdigest()), total
