@@ -93,8 +93,11 @@ def _print_human(s: dict[str, Any]) -> None:
     if s.get("base"):
         rows.append(("base", f"hf:{s['base']['repo']}@{s['base']['commit']}"))
     if s["to"] == "safetensors":
-        rows += [("tensors", f"{s['tensors_merged']} merged of {s['tensors_total']} ({s['shards']} shard(s))"),
-                 ("dtype", s["dtype"]),
+        rows += [("tensors", f"{s['tensors_changed']} changed of {s['tensors_total']} "
+                             f"({s['tensors_merged']} merged, {s['shards']} shard(s))"),
+                 ("max |dW|", f"{s['max_abs_delta']:.4g}" + (f" ({s['max_abs_delta_tensor']})"
+                                                           if s.get("max_abs_delta_tensor") else "")),
+                 ("dtype", s["dtype"] + (" (auto: kept from the base)" if s.get("dtype_requested") == "auto" else "")),
                  ("time", f"{s['seconds']:.2f} s, peak RSS {s['peak_rss_mb']:.0f} MB")]
     else:
         v = s.get("validation") or {}

@@ -14,10 +14,16 @@ One module for the rules every output follows, whatever its format:
 - `copy_side_files`: the base's small files (config.json, tokenizer and generation
   files) travel with the output under ONE rule: the folder rule of
   `mora_core.checkpoint.member` (regular files, no symlink leaving the folder: such an
-  entry is an error, not skipped), hidden files and sub-folders skipped, at most
+  entry is an error, not skipped), hidden files skipped, at most
   `SIDE_FILE_MAX_BYTES` each, and weights, weight indexes and pickles never copied. Each copy is hashed while written and `config.json` edits
   (dtype, untied embeddings) are applied on the way, so the digests are known without
-  reading the output again.
+  reading the output again. The base's model card (`README.md`) is never copied: it
+  describes the base, not the merge (`exporters.card` writes the output's own). Sub-folders
+  are copied only when the base's own files refer to them (`module_folders`:
+  sentence-transformers' `modules.json` -> `1_Pooling/`, `2_Dense/`...), file by file
+  under the same rule; a module's own `.safetensors` weights (a Dense layer: not
+  merged into) are copied as they are, and a module whose weights are only a pickle is
+  refused (the output would not load).
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from exporters.errors import ExportError
-from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member
+from mora_core.checkpoint import CONFIG_NAME, is_weight_or_index, member, weight_kind
 from mora_core.errors import MergeError
-from mora_core.safe_io import read_capped
-from registry.copying import fsync_dir
+from mora_core.safe_io import open_regular, read_capped, read_json
+from registry.copying import copy_hashing, fsync_dir
 from registry.faults import fault_point
+from registry.model_card import CARD_NAME
 
 try:
     import fcntl
@@ -45,6 +52,7 @@ except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
 
 SIDE_FILE_MAX_BYTES = 64 << 20
+MODULES_NAME = "modules.json"  # sentence-transformers: the model's modules and their sub-folders
 
 
 def refuse_existing(out: Path) -> None:
@@ -186,7 +194,7 @@ def side_files(root: Path, skip: set[str] = frozenset()) -> list[str]:
     out = []
     for p in sorted(Path(root).iterdir()):
         name = p.name
-        if name in skip or name.startswith(".") or is_weight_or_index(name):
+        if name in skip or _never_copied(name):
             continue
         if p.is_dir() and not p.is_symlink():
             continue
@@ -197,19 +205,100 @@ def side_files(root: Path, skip: set[str] = frozenset()) -> list[str]:
     return out
 
 
+def _never_copied(name: str) -> bool:
+    """Hidden files, weights and weight indexes, and model cards."""
+    return name.startswith(".") or is_weight_or_index(name) or name.lower() == CARD_NAME.lower()
+
+
+def module_folders(root: Path) -> list[str]:
+    """The sub-folders of `root` that its own files refer to, as relative posix paths.
+
+    Today: the `path` of every module in sentence-transformers' `modules.json` (`""` is the
+    root itself, the transformer). A module whose folder the base does not have (git keeps
+    no empty folder: `2_Normalize/` of all-MiniLM-L6-v2) is left out. A path that is not
+    a plain relative path inside `root` (absolute, `..`, a link leaving) is `MergeError`.
+    """
+    root = Path(root)
+    if not (root / MODULES_NAME).exists() and not (root / MODULES_NAME).is_symlink():
+        return []
+    modules = read_json(member(root, MODULES_NAME), MergeError, SIDE_FILE_MAX_BYTES, what="modules.json")
+    if not isinstance(modules, list):
+        raise MergeError(f"{root / MODULES_NAME}: expected a list of modules")
+    out: list[str] = []
+    for m in modules:
+        path = m.get("path") if isinstance(m, dict) else None
+        if not isinstance(path, str):
+            raise MergeError(f"{root / MODULES_NAME}: a module without a path: {str(m)[:80]}")
+        rel = path.strip("/") if not path.startswith("/") else path
+        if rel in ("", "."):
+            continue
+        parts = rel.split("/")
+        if rel.startswith("/") or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+            raise MergeError(f"{root / MODULES_NAME}: module path {path!r} is not a folder inside {root}")
+        folder = root / rel
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        real, real_root = folder.resolve(), root.resolve()
+        if not folder.is_dir() or (real != real_root and real_root not in real.parents):
+            raise MergeError(f"{folder}: module folder of {MODULES_NAME} is not a folder inside {root}; refused")
+        if rel not in out:
+            out.append(rel)
+    return out
+
+
+def _module_files(root: Path, sub: str) -> list[str]:
+    """The files of module folder `sub` that travel with an output (relative to `root`).
+
+    The side-file rule per file (`member`, nested); `.safetensors` weights are kept (the
+    module's own, not merged into), other weights and pickles never; a module whose only
+    weights are pickles is `MergeError`."""
+    out: list[str] = []
+    pickles: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root / sub):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in sorted(filenames):
+            rel = f"{rel_dir}/{name}"
+            kind = weight_kind(name)
+            if name.startswith(".") or name.lower() == CARD_NAME.lower():
+                continue
+            real = member(root, rel, nested=True)  # links leaving the folder, FIFOs: an error
+            if kind == "pickle":
+                pickles.append(rel)
+            elif kind == "safetensors" or (not is_weight_or_index(name)
+                                           and real.stat().st_size <= SIDE_FILE_MAX_BYTES):
+                out.append(rel)
+    if pickles and not any(weight_kind(r) == "safetensors" for r in out):
+        raise MergeError(f"{root / sub}: module weights only as a pickle ({pickles[0]}); refused "
+                         "(save the module with safetensors)")
+    return out
+
+
 def copy_side_files(root: Path, dest: Path, config_edits: dict[str, Any] | None = None,
                     skip: set[str] = frozenset()) -> dict[str, str]:
-    """Copy the side files of `root` into `dest` (fsynced); returns {name: digest}.
+    """Copy the side files of `root` into `dest` (fsynced), and the module folders its own
+    files refer to (`module_folders`); returns {relative posix path: digest}.
 
     `config_edits` are set in the copied `config.json` (a key is only replaced if the
     base has it, except `torch_dtype` and `tie_word_embeddings`, which are always set).
+    Everything to copy is listed (and refused) before the first byte is written.
     """
+    root, dest = Path(root), Path(dest)
+    names = side_files(root, skip)
+    nested = [rel for sub in module_folders(root) for rel in _module_files(root, sub)]
     digests: dict[str, str] = {}
-    for name in side_files(root, skip):
+    for name in names:
         data = read_capped(member(root, name), SIDE_FILE_MAX_BYTES, MergeError, "side file")
         if name == CONFIG_NAME and config_edits:
             data = _edit_config(data, config_edits)
         digests[name] = write_file(dest / name, data)
+    for rel in nested:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_regular(member(root, rel, nested=True), MergeError) as src, open(target, "xb", buffering=0) as dst:
+            digests[rel] = copy_hashing(src, dst, None, sync=True)[0]
+    for folder in sorted({(dest / rel).parent for rel in nested}, key=lambda p: -len(p.parts)):
+        fsync_dir(folder)
     return digests
 
 

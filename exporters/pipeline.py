@@ -30,6 +30,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 ONNX_DTYPES = ("auto", "float32", "float16", "int4")  # int4: MatMulNBits weights (exporters.quantize)
 ACCUMULATE = ("float32", "float64")
 ProgressFn = Callable[[int, int, str], None]
+StageFn = Callable[[str], None]
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -55,7 +56,10 @@ class MergeOptions:
         register: record the output as an artifact (ONNX: only when validated).
         replace_output: an existing `out_dir` is replaced, atomically, once the new output is
             complete (batch jobs re-run on changed inputs); otherwise it must not exist.
-        progress: `(done, total, what)` callback for long stages.
+        progress: `(done, total, what)` callback for counted work within a stage (merge bytes).
+        on_stage: `(name)` callback at the start of each long stage ("resolving adapters",
+            "merging", "exporting to ONNX", "registering"...): the CLI shows it with its
+            elapsed time on a TTY. Library code never prints.
     """
 
     adapters: list[str]
@@ -78,6 +82,12 @@ class MergeOptions:
     register: bool = True
     replace_output: bool = False
     progress: ProgressFn | None = field(default=None, repr=False)
+    on_stage: StageFn | None = field(default=None, repr=False)
+
+    def stage(self, name: str) -> None:
+        """Report the start of stage `name` (nothing when no one listens)."""
+        if self.on_stage is not None:
+            self.on_stage(name)
 
     def weight_list(self) -> list[float]:
         return list(self.weights) if self.weights else [1.0] * len(self.adapters)
@@ -161,6 +171,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     from registry.hub import is_hub_ref, resolve_base
 
     # a folder as it is; hf:ORG/NAME[@REV] through the HF cache, read from a view in the home
+    opts.stage("resolving the base and the adapters")
     base = resolve_base(opts.base_dir, resolve_home(opts.home) if is_hub_ref(opts.base_dir) else Path("."))
     base_dir = base.folder
     final = Path(opts.out_dir)
@@ -184,21 +195,27 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         if opts.registers:  # hashed (or found in the store's cache) while the merge runs
             base_digests = BaseDigests(registry.get, checkpoint.paths)
             stack.callback(base_digests.join)  # before the registry closes (callbacks run last-in first)
+        card = _output_card(opts, checkpoint, resolved, weights,
+                            {"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
         if opts.target == "safetensors":
             from exporters.safetensors_out import merge_folder
 
+            opts.stage("merging")
             report = merge_folder(checkpoint, loaded, build, weights, dtype=opts.dtype,
                                   accumulate=opts.accumulate, max_shard_bytes=opts.max_shard_bytes,
-                                  progress=opts.progress, digests=opts.registers).to_dict()
+                                  progress=opts.progress, digests=opts.registers, finish=card).to_dict()
             summary: dict[str, Any] = {"to": "safetensors", **report}
         else:
             from exporters.onnx_export import export_merged_onnx
 
+            opts.stage("merging, exporting to ONNX, validating")
             summary = {"to": "onnx", **export_merged_onnx(
                 base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
-                accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint)}
+                accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint, finish=card)}
+        if base_digests is not None:
+            opts.stage("hashing the base (for the record)")
         base_files = base_digests.result() if base_digests is not None else {}  # the thread is done with the store
         if replacing:
             replace_folder(build, final)
@@ -209,11 +226,15 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             fault_point("output_placed")
         _keep_sources_restrictive(final, base_dir, resolved)
         summary["adapters"] = [r.describe(w) for r, w in zip(resolved, weights)]
-        effective_dtype = summary.get("dtype", opts.dtype) if opts.target == "onnx" else opts.dtype
+        effective_dtype = summary.get("dtype", opts.dtype)  # what the output holds ("auto" resolved)
         if opts.registers:
+            from exporters.card import merge_figures
+
+            opts.stage("registering the artifact")
+            facts = {**summary, "merge": merge_figures(summary)} if opts.target == "safetensors" else summary
             summary["artifact"] = register_output(
                 registry.get(), opts.target, final, summary["digests"], checkpoint, base_files, resolved, weights,
-                effective_dtype, opts.accumulate, summary, output=token,
+                effective_dtype, opts.accumulate, facts, output=token,
                 hub={"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
             registry.registered = True
         if reclaimed:
@@ -222,6 +243,15 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             summary["base"] = {"repo": base.repo_id, "commit": base.commit, "folder": str(base_dir)}
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _output_card(opts: MergeOptions, checkpoint: Any, resolved: list, weights: list[float],
+                 hub: dict[str, str] | None) -> Any:
+    """The model card hook of this job's output (exporters.card)."""
+    from exporters.card import OutputCard
+
+    return OutputCard(opts.target, checkpoint, resolved, weights, opts.dtype, opts.accumulate, hub,
+                      name=Path(opts.out_dir).name)
 
 
 def _reclaim(registry: _RegistryHandle, final: Path) -> list[str]:

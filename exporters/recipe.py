@@ -103,7 +103,7 @@ def build_recipe(kind: str, checkpoint: Checkpoint, base_digests: dict[str, str]
         "accumulate": accumulate,
         "tools": tool_versions(),
     }
-    for key in ("opset", "untied", "export"):
+    for key in ("opset", "untied", "export", "merge"):
         if key in summary:
             recipe[key] = summary[key]
     return recipe

@@ -35,6 +35,7 @@ from registry.copying import BUFFER as HASH_BUFFER
 from registry.copying import hash_range
 
 SHARD_METADATA = {"format": "pt"}
+FinishFn = Callable[[Path, dict[str, Any], dict[str, str]], dict[str, str]]
 COPY_CHUNK = 1 << 30  # one copy_file_range call at most (the kernel may do less)
 
 
@@ -301,6 +302,10 @@ class MergeReport:
     peak_rss_mb: float
     untied: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # every output file -> sha256 (taken while written)
+    tensors_changed: int = 0  # merged tensors whose values moved
+    max_abs_delta: float = 0.0  # max |W' - W| applied (accumulation dtype, before the cast)
+    max_abs_delta_tensor: str | None = None
+    dtype_requested: str = "auto"  # `dtype` is what the output holds ("auto" resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,6 +326,7 @@ def merge_folder(
     max_shard_bytes: int | None = None,
     progress: ProgressFn | None = None,
     digests: bool = True,
+    finish: FinishFn | None = None,
 ) -> MergeReport:
     """Stream-merge `adapters` into `base` (a folder, a .safetensors file or an open
     `Checkpoint`), writing a new folder `out_dir`.
@@ -330,7 +336,9 @@ def merge_folder(
     embedding pair sets `tie_word_embeddings: false`. `max_shard_bytes`: None keeps the
     base's sharding, else repacks. `digests`: the sha256 of every output file, taken while
     it is written (`MergeReport.digests`; False skips hashing, e.g. when nothing will be
-    registered). Every adapter key is resolved and shape-checked before
+    registered). `finish(folder, report, digests)` is called in the staged folder once every
+    other file is written and returns the digests of what it adds (the model card:
+    `exporters.card.OutputCard`). Every adapter key is resolved and shape-checked before
     anything is written; `out_dir` appears only when complete. Raises
     `MergeError`/`AdapterError`/`ExportError` for bad input.
     """
@@ -352,18 +360,29 @@ def merge_folder(
         side = copy_side_files(checkpoint.root, tmp, edits, skip=checkpoint.weight_file_names())
         if digests:
             files.update(side)
-    return MergeReport(
-        output=str(out),
-        tensors_total=stats.tensors_total,
-        tensors_merged=stats.tensors_merged,
-        keys_used=stats.keys_used,
-        weights={a.label: w for a, w in zip(adapters, weights)},
-        dtype=dtype,
-        accumulate=accumulate,
-        shards=stats.shards,
-        bytes_written=stats.bytes_written,
-        seconds=round(time.perf_counter() - start, 3),
-        peak_rss_mb=round(peak_rss_mb(), 1),
-        untied=stats.untied,
-        digests=dict(sorted(files.items())),
-    )
+        report = MergeReport(
+            output=str(out),
+            tensors_total=stats.tensors_total,
+            tensors_merged=stats.tensors_merged,
+            keys_used=stats.keys_used,
+            weights={a.label: w for a, w in zip(adapters, weights)},
+            dtype=",".join(stats.dtypes) or dtype,
+            accumulate=accumulate,
+            shards=stats.shards,
+            bytes_written=stats.bytes_written,
+            seconds=0.0,
+            peak_rss_mb=0.0,
+            untied=stats.untied,
+            tensors_changed=stats.tensors_changed,
+            max_abs_delta=stats.max_abs_delta,
+            max_abs_delta_tensor=stats.max_abs_delta_tensor,
+            dtype_requested=dtype,
+        )
+        if finish is not None:  # the model card: written last, it lists the other files' digests
+            card = finish(tmp, report.to_dict(), dict(files))
+            if digests:
+                files.update(card)
+    report.seconds = round(time.perf_counter() - start, 3)
+    report.peak_rss_mb = round(peak_rss_mb(), 1)
+    report.digests = dict(sorted(files.items()))
+    return report

@@ -66,7 +66,8 @@ def is_weight_or_index(name: str) -> bool:
     return weight_kind(name) is not None or name.lower().endswith(INDEX_SUFFIX)
 
 
-def member(root: str | os.PathLike[str], name: str, error_cls: type[MoraCoreError] = MergeError) -> Path:
+def member(root: str | os.PathLike[str], name: str, error_cls: type[MoraCoreError] = MergeError,
+           nested: bool = False) -> Path:
     """The real path of `root/name` if the folder rule allows reading it, else `error_cls`.
 
     Allowed: a regular file whose resolved path lies inside the resolved `root` (so a
@@ -76,10 +77,14 @@ def member(root: str | os.PathLike[str], name: str, error_cls: type[MoraCoreErro
     with a path separator or `..`, a symlink that leaves the folder, and anything that is
     not a regular file (a FIFO named like a config would otherwise block the reader).
     Every folder the tool reads (base models, adapters, ONNX exports) goes through this.
+    `nested`: `name` may be a relative posix path into a sub-folder (`1_Pooling/config.json`;
+    each part a plain name), judged against the same roots as `root`'s own files.
     """
     folder = Path(root)
     path = folder / name
-    if not name or "/" in name or os.sep in name or name in (".", ".."):
+    parts = name.split("/") if nested else [name]
+    if not name or any(not p or (os.sep != "/" and os.sep in p) or p in (".", "..") for p in parts) or (
+            not nested and "/" in name):
         raise error_cls(f"{path}: not a plain file name inside {folder}")
     try:
         real_root = folder.resolve(strict=True)

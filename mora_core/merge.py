@@ -38,6 +38,8 @@ from mora_core.safetensors_io import (
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
+FLOAT_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+CAST_CHUNK = 1 << 18  # elements cast and measured at a time: the chunk is still in cache for the difference
 
 
 def needs_base(ops: Sequence[tuple[DeltaOp, float]]) -> bool:
@@ -141,6 +143,10 @@ class MergeStats:
     shards: int
     bytes_written: int
     untied: dict[str, str] = field(default_factory=dict)
+    tensors_changed: int = 0  # merged tensors whose values moved (max |dW| > 0)
+    max_abs_delta: float = 0.0  # max |W' - W| over every merged tensor, in the accumulation dtype
+    max_abs_delta_tensor: str | None = None
+    dtypes: list[str] = field(default_factory=list)  # the floating dtypes the output holds ("auto" resolved)
 
 
 def check_options(dtype: str, accumulate: str, weights: Sequence[float]) -> None:
@@ -212,6 +218,10 @@ def stream_merge(
         shards=len(layout),
         bytes_written=total_bytes,
         untied=plan.untied,
+        tensors_changed=workspace.changed,
+        max_abs_delta=workspace.max_delta,
+        max_abs_delta_tensor=workspace.max_delta_name,
+        dtypes=sorted({FLOAT_NAMES[t.dtype] for s in layout for t in s if t.dtype in FLOAT_NAMES}),
     )
 
 
@@ -231,6 +241,8 @@ class _Workspace:
         self._work = torch.empty(0, dtype=accumulate)
         self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._turn = 0
+        self._diff = torch.empty(CAST_CHUNK, dtype=accumulate)
+        self.changed, self.max_delta, self.max_delta_name = 0, 0.0, None
 
     @staticmethod
     def _grow(buf: torch.Tensor, numel: int) -> torch.Tensor:
@@ -253,10 +265,28 @@ class _Workspace:
             w = self._work[: info.numel].view(info.shape)
             w.copy_(raw)
             apply_ops(w, ops, raw if needs_base(ops) else None)
+            delta = self._cast_measured(w, raw, out, planned.name)
             del raw
-        out.copy_(w)
-        check_finite(out, planned.name)
+        if delta > 0:
+            self.changed += 1
+        if delta > self.max_delta:
+            self.max_delta, self.max_delta_name = delta, planned.name
         return out
+
+    def _cast_measured(self, w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, name: str) -> float:
+        """`out <- w` (cast once), refusing a non-finite result, and max |w - raw|: the dW applied.
+
+        Chunk by chunk, so the difference reads `w` from cache: the same memory traffic as
+        a cast followed by the finiteness check (raw is read instead of out)."""
+        fw, fr, fo = w.reshape(-1), raw.reshape(-1), out.reshape(-1)
+        top = 0.0
+        for i in range(0, fw.numel(), CAST_CHUNK):
+            a, o = fw[i:i + CAST_CHUNK], fo[i:i + CAST_CHUNK]
+            o.copy_(a)
+            check_finite(o, name)
+            lo, hi = torch.aminmax(torch.sub(a, fr[i:i + CAST_CHUNK], out=self._diff[:a.numel()]))
+            top = max(top, -float(lo), float(hi))
+        return top
 
 
 def output_layout(checkpoint: Checkpoint, plan: MergePlan, dtype: str, max_shard_bytes: int | None

@@ -236,7 +236,7 @@ def plan_publish(reg: Any, ref: str) -> PublishPlan:
     """Gather a version's verified PEFT files, or an artifact's files (re-hashed against its
     record: an altered artifact is refused), and write the model card."""
     from registry.copying import hash_file
-    from registry.model_card import artifact_card, version_card
+    from registry.model_card import CARD_NAME, artifact_card, version_card
     from registry.names import parse_ref
 
     if parse_ref(ref).is_artifact:
@@ -250,7 +250,8 @@ def plan_publish(reg: Any, ref: str) -> PublishPlan:
             if hash_file(p)[0] != digest:
                 raise IntegrityError(f"{art.ref}: {p} is altered (digest differs from the record); "
                                      "not publishing it")
-            files[rel] = p
+            if rel != CARD_NAME:  # the output's own card: replaced by the same card with the store's record
+                files[rel] = p
         card = artifact_card(art, {r: reg.resolve(r) for r, _ in art.inputs})
         return PublishPlan(art.ref, files, card, "merge")
     info = reg.resolve(ref)

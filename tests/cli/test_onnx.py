@@ -89,6 +89,25 @@ def test_merge_to_onnx_json_summary(merged, files):
     assert {"model.onnx", "export.json", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
 
 
+def test_onnx_output_carries_its_own_model_card(merged, files):
+    """README.md: relation merge, each adapter with weight and digest, each comparison with its
+    figures (the card is listed among the output's digests too)."""
+    import hashlib
+
+    import yaml
+
+    out, s = merged
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["tags"] == ["adapter-registry", "merge", "onnx"]
+    lora_digest = "sha256:" + hashlib.sha256((files["lora"] / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert f"| folder `{files['lora'].name}` | 0.5 | lora | `{lora_digest}` |" in card
+    assert str(files["root"]) not in card  # no local path spelled out: the card may be published
+    for c in s["validation"]["comparisons"].values():
+        assert f"| {c['name']} | {len(c['cases'])} | {c['max_abs_diff']:.3g} | {c['worst_ratio']:.3g} | yes |" in card
+    assert "## Files" not in card  # a function of the inputs: the same whether registered or not
+    assert s["digests"]["README.md"] == "sha256:" + hashlib.sha256(card.encode()).hexdigest()
+
+
 def test_run_prints_the_next_token_of_the_merged_model(merged, files):
     out, _ = merged
     ids = [3, 14, 15, 92, 65]

@@ -121,6 +121,83 @@ def test_side_files_are_hashed_as_written_and_config_edited(tmp_path):
     assert digests == {n: sha(dest / n) for n in ("config.json", "tokenizer_config.json")}
 
 
+def _modules_base(tmp_path, modules):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "README.md").write_text("# the base's own card")
+    (base / "modules.json").write_text(json.dumps(modules))
+    return base
+
+
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+              {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+              {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+              {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}]
+
+
+def test_module_folders_travel_and_the_base_card_does_not(tmp_path):
+    base = _modules_base(tmp_path, ST_MODULES)
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (base / "2_Dense").mkdir()
+    (base / "2_Dense" / "config.json").write_text("{}")
+    (base / "2_Dense" / "model.safetensors").write_bytes(b"dense weights")  # the module's own: kept
+    (base / "2_Dense" / "pytorch_model.bin").write_bytes(b"pickle")  # never copied
+    (base / "2_Dense" / "README.md").write_text("card")
+    (base / "onnx").mkdir()  # not referred to: the base's own ONNX export stays behind
+    (base / "onnx" / "model.onnx").write_text("x")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    digests = copy_side_files(base, dest)
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert files == ["1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "config.json",
+                     "modules.json"]  # 3_Normalize has no folder: nothing to copy; no README.md
+    assert digests == {rel: sha(dest / rel) for rel in files}
+    assert (dest / "2_Dense" / "model.safetensors").read_bytes() == b"dense weights"
+
+
+@pytest.mark.parametrize("path, message", [
+    ("../outside", "is not a folder inside"),
+    ("/etc", "is not a folder inside"),
+    ("link", "is not a folder inside"),
+    (7, "a module without a path"),
+])
+def test_module_paths_leaving_the_base_are_refused(tmp_path, path, message):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text("{}")
+    base = _modules_base(tmp_path, [{"idx": 1, "path": path}])
+    if path == "link":  # a sub-folder link leaving the base (a top-level one is refused by side_files too)
+        (base / "sub").mkdir()
+        (base / "sub" / "link").symlink_to(tmp_path / "outside")
+        (base / "modules.json").write_text(json.dumps([{"idx": 1, "path": "sub/link"}]))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(MergeError, match=message):
+        copy_side_files(base, dest)
+    assert list(dest.iterdir()) == []  # refused before the first byte
+
+
+def test_module_files_follow_the_side_file_rule(tmp_path):
+    base = _modules_base(tmp_path, ST_MODULES[:2])
+    (base / "1_Pooling").mkdir()
+    (tmp_path / "secret").write_text("s")
+    (base / "1_Pooling" / "config.json").symlink_to(tmp_path / "secret")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(MergeError, match="1_Pooling/config.json: a symbolic link leaving the folder"):
+        copy_side_files(base, dest)
+    (base / "1_Pooling" / "config.json").unlink()
+    os.mkfifo(base / "1_Pooling" / "config.json")
+    with pytest.raises(MergeError, match="not a regular file"):
+        copy_side_files(base, dest)
+    (base / "1_Pooling" / "config.json").unlink()
+    (base / "1_Pooling" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(MergeError, match="only as a pickle"):
+        copy_side_files(base, dest)
+    assert list(dest.iterdir()) == []
+
+
 def _base_and_adapter(tmp_path, shards=2):
     g = torch.Generator().manual_seed(0)
     tensors = {"model.embed_tokens.weight": torch.randn(50, 16, generator=g).to(torch.bfloat16)}

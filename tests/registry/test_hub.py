@@ -270,6 +270,11 @@ def test_merge_on_a_hub_base_records_the_commit_and_publishes_as_merge(hf_cache,
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     out = tmp_path / "dry"
     assert _run(home, "publish", art.ref, "--repo", "me/merged", "--dry-run", "-o", out).code == 0
-    meta = _card_meta((out / "README.md").read_text())
+    card = (out / "README.md").read_text()
+    meta = _card_meta(card)
     assert meta["base_model"] == "org/tiny" and meta["base_model_relation"] == "merge"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*art.files, "README.md"])
+    # the output's own card (same writer) is replaced by the one with the store's record
+    assert "README.md" in art.files and (tmp_path / "merged" / "README.md").read_text() != card
+    assert f"artifact digest: `{art.digest}`" in card and "- tensors changed: 1 of 2" in card
+    assert _card_meta((tmp_path / "merged" / "README.md").read_text()) == meta
+    assert sorted(p.name for p in out.iterdir()) == sorted(art.files)
