@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -222,19 +223,46 @@ def human_size(n: float) -> str:
 class ProgressLine:
     """One self-overwriting line on stderr when it is a terminal; silent when piped.
 
-    `update(done, total, what)` for counted work (bytes are shown as GB when `unit` is
-    "bytes"); `add(n)` for byte streams of unknown total (push, pull, verify).
+    `stage(name)` names the step under way ("merging", "exporting the ONNX graph"...): the
+    line then shows the stage and its elapsed seconds, refreshed by a ticker thread even
+    while one long call (the ONNX export) reports nothing. `update(done, total, what)` adds
+    counted work to the line (bytes are shown as GB when `unit` is "bytes"); `add(n)` for
+    byte streams of unknown total (push, pull, verify). Library code never prints: it gets
+    `stage`/`update` as callbacks (`MergeOptions.on_stage`, `progress`).
     """
 
     def __init__(self, enabled: bool | None = None, verb: str = "merged", unit: str = "bytes",
-                 every: float = 0.2):
+                 every: float = 0.2, tick: float = 0.5):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.verb = verb
         self.unit = unit
         self._every = every
+        self._tick = tick
         self._last = 0.0
         self._shown = False
         self._done = 0
+        self._stage: str | None = None
+        self._stage_start = time.monotonic()
+        self._detail = ""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def stage(self, name: str) -> None:
+        """Start stage `name` (its clock starts now); shown at once and ticking."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._stage, self._stage_start, self._detail = name, time.monotonic(), ""
+            self._render()
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._run_ticker, name="progress-ticker", daemon=True)
+            self._ticker.start()
+
+    def _run_ticker(self) -> None:
+        while not self._stop.wait(self._tick):
+            with self._lock:
+                self._render()
 
     def update(self, done: int, total: int, what: str = "") -> None:
         now = time.monotonic()
@@ -245,11 +273,23 @@ class ProgressLine:
             amount = f"{human_size(done)}/{human_size(total)}" if total else human_size(done)
         else:
             amount = f"{done}/{total}"
-        self._show(f"{self.verb} {amount}  {what}")
+        with self._lock:
+            self._detail = f"{amount}  {what}" if self._stage else f"{self.verb} {amount}  {what}"
+            self._render()
 
     def add(self, n: int) -> None:
         self._done += n
         self.update(self._done, 0)
+
+    def _render(self) -> None:
+        """The line: `<stage> <elapsed>s  <detail>` (or the detail alone before any stage)."""
+        if self._stage:
+            line = f"{self._stage} {time.monotonic() - self._stage_start:.1f}s  {self._detail}"
+        elif self._detail:
+            line = self._detail
+        else:
+            return
+        self._show(line.rstrip())
 
     def _show(self, line: str) -> None:
         line = line[:100]
@@ -257,6 +297,11 @@ class ProgressLine:
         self._shown = True
 
     def close(self) -> None:
-        if self._shown:
-            click.echo("\r" + " " * 100 + "\r", err=True, nl=False)
-            self._shown = False
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+        with self._lock:
+            if self._shown:
+                click.echo("\r" + " " * 100 + "\r", err=True, nl=False)
+                self._shown = False

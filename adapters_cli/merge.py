@@ -71,17 +71,21 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
     from exporters.pipeline import MergeOptions, run_merge
     from registry.hub import is_hub_ref
 
-    progress = ProgressLine(enabled=None if not as_json else False,
-                            **({} if target == "safetensors" else {"verb": "step", "unit": "steps"}))
+    # stages with their elapsed time on a TTY (quiet when piped or --json); bytes while merging
+    progress = ProgressLine(enabled=None if not as_json else False)
     opts = MergeOptions(
         adapters=list(adapters), base_dir=base_dir if is_hub_ref(base_dir) else Path(base_dir), target=target, out_dir=out_dir, weights=list(weights) or None,
         dtype=dtype, accumulate=accumulate, max_shard_bytes=max_shard_bytes, opset=opset, provider=provider,
         atol=atol, rtol=rtol, validate=not no_validate, allow_base_mismatch=allow_base_mismatch,
-        home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register, progress=progress.update)
-    try:
-        summary = run_guarded(lambda: run_merge(opts))
-    finally:
-        progress.close()
+        home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register,
+        progress=progress.update if target == "safetensors" else None, on_stage=progress.stage)
+    def body() -> dict[str, Any]:
+        try:
+            return run_merge(opts)
+        finally:
+            progress.close()  # before an error line is printed: it must not share the progress line
+
+    summary = run_guarded(body)
     if as_json:
         emit_json(summary)
     else:
