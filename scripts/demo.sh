@@ -2,7 +2,8 @@
 # The main job on the embedded default store, end to end, in a few minutes on 2 cores:
 # build a small Llama-like base and two adapters (MoRA type 6, LoRA), push both, merge
 # both with weights into safetensors and into a validated ONNX graph, show lineage,
-# serve the ONNX once, and verify the store.
+# serve the ONNX once, verify the store, print how exact the merges are, and point at
+# `adapters ui`.
 #   DEMO_DIR=/some/dir ./scripts/demo.sh   keeps everything there (default: a temp dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +29,13 @@ step adapters merge demo/llama-mora@prod demo/llama-lora --weight 1 --weight 0.5
 step adapters lineage demo/llama-mora
 step adapters run merged-onnx --ids 1,2,3,4,5
 step adapters verify
+
+# how exact: the figures the two merges printed above, as the outputs' own model cards keep them
+printf '\n\033[1m%s\033[0m\n' "exactness (from merged/README.md and merged-onnx/README.md):"
+sed -n '/^## Merge$/,/^## /{/^## /d;/^$/d;p}' merged/README.md
+sed -n '/^## Validation$/,/^## /{/^## /d;/^$/d;p}' merged-onnx/README.md
 echo
 echo "demo finished; everything is in $WORK"
+echo "browse the store (names, versions, artifacts, the lineage graph) in a web page:"
+echo "  ADAPTERS_HOME=$ADAPTERS_HOME adapters ui --open"
+echo "  then http://127.0.0.1:8321/lineage/demo/llama-mora for the lineage graph"
