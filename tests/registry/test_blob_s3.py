@@ -354,3 +354,125 @@ def test_listing_does_not_import_boto3(tmp_path, s3_bucket):
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "h"), url], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# ----------------------------------------------------------------------------- what is sent
+
+def _record_requests(client) -> list[tuple[str, dict, bytes]]:
+    """(operation, headers, body) of every request `client` sends, taken at botocore's
+    `before-send`, i.e. exactly what goes on the wire."""
+    sent: list[tuple[str, dict, bytes]] = []
+
+    def hook(request, event_name, **_):
+        body = request.body
+        if hasattr(body, "read"):  # a stream botocore wraps the bytes in: read it, then rewind
+            pos = body.tell()
+            body, _ = body.read(), body.seek(pos)
+        body = body.encode() if isinstance(body, str) else bytes(body or b"")
+        sent.append((event_name.rsplit(".", 1)[1], dict(request.headers), body))
+
+    client.meta.events.register("before-send.s3", hook)
+    return sent
+
+
+def _b64_sha256(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def _header(headers: dict, name: str) -> str | None:
+    for k, v in headers.items():
+        if k.lower() == name:
+            return v.decode() if isinstance(v, bytes) else v
+    return None
+
+
+def test_uploads_send_the_sha256_of_the_bytes_they_send(s3_bucket, tmp_path, monkeypatch):
+    """moto stores a sent checksum without checking it against the body (it accepts a wrong
+    one), so S3's own rejection cannot be exercised here; this proves the other half: every
+    PUT and every part carries `x-amz-checksum-sha256` equal to the SHA-256 of exactly the
+    bytes on the wire (computed here independently, from the file), and the conditional
+    complete lists those part checksums."""
+    import re
+
+    import registry.blob_s3 as s3mod
+    from registry.blob_s3 import S3BlobStore
+
+    monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3mod, "PART_SIZE", 5 * 1024 * 1024)
+    store = S3BlobStore(f"s3://{s3_bucket}/cs")
+    sent = _record_requests(store.client)
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"adapter bytes " * 1000)
+    data = hashlib.sha256(b"big").digest() * (11 * 1024 * 1024 // 32 + 5)  # 3 parts, the last one short
+    big = tmp_path / "big.bin"
+    big.write_bytes(data)
+    for f in (small, big):
+        st = store.stage(f)
+        store.make_durable(st)
+        assert st.uploaded
+    puts = [(h, b) for op, h, b in sent if op == "PutObject"]
+    assert len(puts) == 1
+    headers, body = puts[0]
+    assert body == small.read_bytes()
+    assert _header(headers, "x-amz-checksum-sha256") == _b64_sha256(small.read_bytes())
+    assert _header(headers, "if-none-match") == "*"
+    parts = [(h, b) for op, h, b in sent if op == "UploadPart"]
+    assert len(parts) == 3
+    ps = 5 * 1024 * 1024
+    expected = {_b64_sha256(data[i * ps:(i + 1) * ps]) for i in range(3)}
+    got = set()
+    for h, b in parts:
+        assert _header(h, "x-amz-checksum-sha256") == _b64_sha256(b)  # the bytes on the wire
+        got.add(_b64_sha256(b))
+    assert got == expected  # and they are the file's parts
+    (create,) = [h for op, h, _ in sent if op == "CreateMultipartUpload"]
+    assert _header(create, "x-amz-checksum-algorithm") == "SHA256"
+    (complete_h, complete_b) = [(h, b) for op, h, b in sent if op == "CompleteMultipartUpload"][0]
+    assert _header(complete_h, "if-none-match") == "*"
+    assert set(re.findall(rb"<ChecksumSHA256>([^<]+)</ChecksumSHA256>", complete_b)) == {e.encode() for e in expected}
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_push_sends_parts_while_the_adapter_validates(valid, s3_bucket, tmp_path, monkeypatch):
+    """The upload overlaps the validation: the validation below starts only once a part has
+    been sent (it would wait forever, and fail, if the upload waited for it). The object
+    appears only after the validation: a refused adapter leaves no object and no upload."""
+    import json
+
+    import registry.blob_s3 as s3mod
+    import registry.ingest as ingest
+
+    monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3mod, "PART_SIZE", 5 * 1024 * 1024)
+    src = write_adapter(tmp_path / "src", r=64, dim=8192)  # 8 MiB of weights: 2 parts
+    if not valid:
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        (src / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": "x"}))
+    reg = Registry.open(tmp_path / "home", blob_url=f"s3://{s3_bucket}/ov")
+    sent = _record_requests(reg.blobs.client)
+    part_sent = threading.Event()
+    reg.blobs.client.meta.events.register("after-call.s3.UploadPart", lambda **_: part_sent.set())
+    completed_before_validation: list[bool] = []
+    real_inspect = ingest.inspect_adapter
+
+    def inspect_after_a_part(folder):
+        assert part_sent.wait(30), "no part was sent while the adapter was being validated"
+        completed_before_validation.append(any(op == "CompleteMultipartUpload" for op, _, _ in sent))
+        return real_inspect(folder)
+
+    monkeypatch.setattr(ingest, "inspect_adapter", inspect_after_a_part)
+    try:
+        if valid:
+            info = reg.push(src, "ov/a")
+            assert _files(reg.pull(info.ref, tmp_path / "out")) == _files(src)
+        else:
+            with pytest.raises(RegistryError, match="lora_alpha"):
+                reg.push(src, "ov/a")
+            assert [k for k in _keys(s3_bucket) if "/sha256/" in k] == []
+            assert reg.list() == []
+    finally:
+        reg.close()
+    assert completed_before_validation == [False]
+    assert not boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
