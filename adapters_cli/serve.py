@@ -16,8 +16,9 @@ PROVIDERS = ["auto", "cpu", "cuda", "tensorrt"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-              help="Base model folder (config.json + safetensors).")
+@click.option("--base", "base_dir", required=True,
+              help="Base model folder (config.json + safetensors), or hf:ORG/NAME[@REVISION] from the "
+                   "Hugging Face Hub (its commit is recorded).")
 @click.option("--to", "target", required=True, type=click.Choice(["onnx"]), help="Output format.")
 @click.option("--slots", "slots", required=True, multiple=True, metavar="ADAPTER", shell_complete=complete_ref,
               help="Adapter (folder or registry reference) whose modules get slots; repeat or list several.")
@@ -35,7 +36,7 @@ PROVIDERS = ["auto", "cpu", "cuda", "tensorrt"]
 @click.option("--register/--no-register", default=True, help="Record the graph as an artifact (default: yes).")
 @click.argument("more", nargs=-1, metavar="[ADAPTER...]", shell_complete=complete_ref)
 @store_options
-def export(base_dir: Path, target: str, slots: tuple[str, ...], out_dir: Path, mixed: bool, dtype: str,
+def export(base_dir: str, target: str, slots: tuple[str, ...], out_dir: Path, mixed: bool, dtype: str,
            opset: int | None, provider: str, atol: float | None, rtol: float | None, allow_base_mismatch: bool,
            register: bool, more: tuple[str, ...], home: str | None, db_url: str | None, as_json: bool) -> None:
     """Export the BASE model once with adapter slots (LoRA A/B, MoRA M) for the given adapters.
@@ -49,6 +50,7 @@ def export(base_dir: Path, target: str, slots: tuple[str, ...], out_dir: Path, m
     Examples:
       adapters export --base ./llama --to onnx --slots team/lora:1 team/mora@prod -o ./llama-slots
       adapters export --base ./llama --to onnx --slots ./a ./b ./c --mixed -o ./llama-mixed
+      adapters export --base hf:meta-llama/Llama-3.2-1B --to onnx --slots team/lora:1 -o ./llama-slots
     """
     from exporters.serve_pipeline import SlotsOptions, run_slots_export
 
@@ -85,8 +87,9 @@ def export(base_dir: Path, target: str, slots: tuple[str, ...], out_dir: Path, m
 @click.option("-o", "--output", "out_file", required=True, type=click.Path(path_type=Path),
               help="The adapter file to write (FILE.onnx_adapter; must not exist).")
 @click.option("--weight", type=float, default=1.0, help="Weight folded into the adapter (default 1).")
-@click.option("--base", "base_dir", type=click.Path(path_type=Path), default=None,
-              help="Base model folder (default: the one recorded in the graph's export.json).")
+@click.option("--base", "base_dir", default=None,
+              help="Base model folder or hf:ORG/NAME[@REVISION] (default: the one recorded in the graph's "
+                   "export.json).")
 @click.option("--provider", default="auto", type=click.Choice(PROVIDERS), help="ONNX Runtime provider for validation.")
 @click.option("--atol", type=float, default=None, help="Validation absolute tolerance (default per dtype).")
 @click.option("--rtol", type=float, default=None, help="Validation relative tolerance (default per dtype).")
@@ -94,7 +97,7 @@ def export(base_dir: Path, target: str, slots: tuple[str, ...], out_dir: Path, m
               help="Accept a registry version pushed for another base than the graph's.")
 @click.option("--register/--no-register", default=True, help="Record the file as an artifact (default: yes).")
 @store_options
-def pack(adapter: str, graph_dir: Path, out_file: Path, weight: float, base_dir: Path | None, provider: str,
+def pack(adapter: str, graph_dir: Path, out_file: Path, weight: float, base_dir: str | None, provider: str,
          atol: float | None, rtol: float | None, allow_base_mismatch: bool, register: bool, home: str | None,
          db_url: str | None, as_json: bool) -> None:
     """Write the ONNX Runtime adapter file of ADAPTER (folder or reference) for a slots graph.

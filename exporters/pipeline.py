@@ -167,12 +167,11 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     from exporters.outputs import replace_folder
     from exporters.recipe import BaseDigests, register_output
     from mora_core.checkpoint import open_checkpoint
-    from registry.config import resolve_home
-    from registry.hub import is_hub_ref, resolve_base
+    from registry.hub import resolve_base
 
     # a folder as it is; hf:ORG/NAME[@REV] through the HF cache, read from a view in the home
     opts.stage("resolving the base and the adapters")
-    base = resolve_base(opts.base_dir, resolve_home(opts.home) if is_hub_ref(opts.base_dir) else Path("."))
+    base = resolve_base(opts.base_dir, opts.home)
     base_dir = base.folder
     final = Path(opts.out_dir)
     with contextlib.ExitStack() as stack:

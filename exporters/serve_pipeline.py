@@ -9,6 +9,11 @@
   when the graph was registered, its artifact reference). Lineage therefore reads
   version -> adapter file -> graph.
 
+The base (`--base`) is a folder or `hf:ORG/NAME[@REVISION]`, resolved as `adapters merge`
+resolves it (`registry.hub.resolve_base`: the Hugging Face cache, a view in the home); a
+Hub base's repo and commit are recorded in the graph's export.json and recipe, and `pack`
+without `--base` finds that base again by its commit when the recorded folder is gone.
+
 Errors: `ExportError`/`MoraCoreError`/`RegistryError` for bad input (nothing written,
 store unchanged), `ValidationFailed` when a check fails (nothing kept).
 """
@@ -36,7 +41,7 @@ class SlotsOptions:
     are the `adapter_index` values of a mixed graph)."""
 
     adapters: list[str]
-    base_dir: Path
+    base_dir: Path | str  # a folder or hf:ORG/NAME[@REVISION]
     out_dir: Path
     mixed: bool = False
     dtype: str = "float32"
@@ -64,7 +69,7 @@ class PackOptions:
     graph_dir: Path
     out_file: Path
     weight: float = 1.0
-    base_dir: Path | None = None
+    base_dir: Path | str | None = None  # a folder or hf:ORG/NAME[@REVISION]; None: the graph's
     provider: str = "auto"
     atol: float | None = None
     rtol: float | None = None
@@ -97,21 +102,27 @@ def run_slots_export(opts: SlotsOptions) -> dict[str, Any]:
     from exporters.recipe import register_output
     from exporters.slots import export_slots_onnx
     from mora_core.checkpoint import open_checkpoint
+    from registry.hub import resolve_base
 
+    base = resolve_base(opts.base_dir, opts.home)  # one resolver with merge and push
+    hub = {"repo": base.repo_id, "commit": base.commit} if base.repo_id else None
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
         stack.callback(registry.close)
-        resolved = resolve_adapters(opts.adapters, opts.base_dir, registry.get, opts.allow_base_mismatch)
+        resolved = resolve_adapters(opts.adapters, base.folder, registry.get, opts.allow_base_mismatch)
         summary = {"to": "onnx", "format": KIND_SLOTS, **export_slots_onnx(
-            opts.base_dir, [r.adapter for r in resolved], opts.out_dir, mixed=opts.mixed, dtype=opts.dtype,
-            opset=opts.opset, provider=opts.provider, atol=opts.atol, rtol=opts.rtol, progress=opts.progress)}
+            base.folder, [r.adapter for r in resolved], opts.out_dir, mixed=opts.mixed, dtype=opts.dtype,
+            opset=opts.opset, provider=opts.provider, atol=opts.atol, rtol=opts.rtol, progress=opts.progress,
+            hub=hub)}
         weights = [1.0] * len(resolved)
         summary["adapters"] = [{**r.describe(1.0), "position": i} for i, r in enumerate(resolved)]
+        if hub:
+            summary["base"] = {**hub, "folder": str(base.folder)}
         if opts.register:
-            store, checkpoint = registry.get(), open_checkpoint(opts.base_dir)
+            store, checkpoint = registry.get(), open_checkpoint(base.folder)
             summary["artifact"] = register_output(store, KIND_SLOTS, opts.out_dir, summary.get("digests"), checkpoint,
                                                   store.file_digests(checkpoint.paths), resolved, weights,
-                                                  opts.dtype, "float32", summary)
+                                                  opts.dtype, "float32", summary, hub=hub)
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -125,7 +136,7 @@ def run_pack(opts: PackOptions) -> dict[str, Any]:
     from exporters.slots import pack_adapter, read_slots_recipe
 
     recipe = read_slots_recipe(opts.graph_dir)
-    base_dir = Path(opts.base_dir) if opts.base_dir is not None else Path(recipe["base"]["path"])
+    base_dir = _pack_base(opts, recipe)
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
         stack.callback(registry.close)
@@ -146,6 +157,21 @@ def run_pack(opts: PackOptions) -> dict[str, Any]:
             summary["artifact"] = info.to_dict()
         summary["graph"] = graph
     return summary
+
+
+def _pack_base(opts: PackOptions, recipe: dict[str, Any]) -> Path:
+    """The base folder of a pack: `--base` (a folder or hf:...), else the graph's recorded
+    folder, else (that folder gone) the graph's Hub base again at its recorded commit."""
+    from registry.hub import resolve_base
+
+    if opts.base_dir is not None:
+        return resolve_base(opts.base_dir, opts.home).folder
+    recorded = recipe.get("base") or {}
+    folder = Path(recorded.get("path") or ".")
+    hub = recorded.get("hub")
+    if not (folder / "config.json").is_file() and isinstance(hub, dict) and hub.get("repo") and hub.get("commit"):
+        return resolve_base(f"hf:{hub['repo']}@{hub['commit']}", opts.home).folder
+    return folder
 
 
 def _graph_artifact(registry: Any, graph_dir: Path) -> str | None:

@@ -100,8 +100,10 @@ def _check(adapters: Sequence[Adapter], out: Path, dtype: str, opset: int | None
 def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *, mixed: bool = False,
                       dtype: str = "float32", opset: int | None = None, provider: str = "auto",
                       atol: float | None = None, rtol: float | None = None,
-                      progress: ProgressFn | None = None, external_data: bool | None = None) -> dict[str, Any]:
+                      progress: ProgressFn | None = None, external_data: bool | None = None,
+                      hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Export the base at `base_dir` with slots for `adapters` (or, `mixed`, with them stacked inside).
+    `hub` ({"repo", "commit"}): the base came from the Hugging Face Hub; export.json records it.
 
     Returns a JSON-able summary (`output`, `files`, `slots`, `parameters`, `validation`,
     `export` = export.json, `seconds`). Raises `ExportError`/`MoraCoreError` for bad input,
@@ -152,7 +154,7 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
             if (tmp / name).is_file():
                 fsync_file(tmp / name)
         copy_side_files(base.checkpoint.root, tmp)
-        recipe = _recipe(tmp, base, layout, adapters, mixed, dtype, real_opset, validation)
+        recipe = _recipe(tmp, base, layout, adapters, mixed, dtype, real_opset, validation, hub)
         write_json(tmp / RECIPE_NAME, recipe)
     _progress(progress, 3, "done")
     seconds["total"] = round(time.perf_counter() - started, 3)
@@ -222,7 +224,7 @@ def _add_defaults(path: Path, defaults: dict[str, tuple[int, ...]]) -> None:
 
 
 def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequence[Adapter], mixed: bool,
-            dtype: str, opset: int, validation: dict[str, Any]) -> dict[str, Any]:
+            dtype: str, opset: int, validation: dict[str, Any], hub: dict[str, str] | None = None) -> dict[str, Any]:
     """export.json of a slot graph: what `adapters pack` and a server need to know about it."""
     from exporters.recipe import tool_versions
 
@@ -254,7 +256,7 @@ def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequenc
         "dtype": dtype,
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True, optimize=True) + adapter slots (exporters.slot_graph)",
-        "base": {"path": str(base.dir.resolve()), "files": base.file_digests()},
+        "base": {"path": str(base.dir.resolve()), "files": base.file_digests(), **({"hub": hub} if hub else {})},
         "slots": layout.to_list(),
         "parameters": params,
         "adapters": [{"position": i, "label": a.label, "kind": a.kind,

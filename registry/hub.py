@@ -135,13 +135,18 @@ class ResolvedBase:
     commit: str | None = None
 
 
-def resolve_base(arg: str | os.PathLike | None, home: Path) -> ResolvedBase | None:
-    """A `--base` argument: a local folder as it is, `hf:ORG/NAME[@REV]` through the cache
-    (then the folder is the snapshot's view under `home`, see the module docstring)."""
+def resolve_base(arg: str | os.PathLike | None, home: str | os.PathLike | None) -> ResolvedBase | None:
+    """A `--base` argument of any command (push, merge, export --slots, pack): a local folder
+    as it is, `hf:ORG/NAME[@REV]` through the cache (then the folder is the snapshot's view
+    under the store's home: `home`, else ADAPTERS_HOME or the default, see
+    `registry.config.resolve_home`; only a Hub reference resolves the home)."""
     if arg is None:
         return None
     if not is_hub_ref(arg):
         return ResolvedBase(Path(arg))
+    from registry.config import resolve_home
+
+    home = resolve_home(home)
     snap = snapshot(parse_hub_ref(str(arg)), BASE_PATTERNS)
     if not any(p.name.endswith(".safetensors") for p in snap.path.iterdir()):
         raise RegistryError(f"{snap.ref}: the snapshot {snap.commit[:12]} holds no .safetensors weights "

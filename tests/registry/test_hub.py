@@ -278,3 +278,43 @@ def test_merge_on_a_hub_base_records_the_commit_and_publishes_as_merge(hf_cache,
     assert f"artifact digest: `{art.digest}`" in card and "- tensors changed: 1 of 2" in card
     assert _card_meta((tmp_path / "merged" / "README.md").read_text()) == meta
     assert sorted(p.name for p in out.iterdir()) == sorted(art.files)
+
+
+def test_slots_export_and_pack_on_a_hub_base(hf_cache, tmp_path):
+    """`export --slots` and `pack` take `--base hf:` (the one resolver of push and merge): the
+    graph's export.json and recipe name the repo and commit, `pack` finds the base again by
+    that commit when the home's view is gone, and a bad Hub base is one line, exit 2."""
+    import shutil
+
+    from tests.builders import write_lora_adapter, write_model_base
+
+    local = write_model_base(tmp_path / "base", "llama")
+    commit = write_hf_cache(hf_cache, "org/tiny-llama", {p.name: p.read_bytes() for p in local.iterdir()})
+    lora = write_lora_adapter(tmp_path / "lora", local, "llama", ["q_proj"], r=2)
+    home = tmp_path / "home"
+    assert _run(home, "push", lora, "--name", "team/l", "--base", "hf:org/tiny-llama").code == 0
+    graph = tmp_path / "slots"
+    res = _run(home, "export", "--base", "hf:org/tiny-llama", "--to", "onnx", "--slots", "team/l:1",
+               "-o", graph, "--json")
+    assert res.code == 0, res.err
+    s = res.json()
+    assert s["base"]["repo"] == "org/tiny-llama" and s["base"]["commit"] == commit
+    recorded = json.loads((graph / "export.json").read_text())["base"]
+    assert recorded["hub"] == {"repo": "org/tiny-llama", "commit": commit}
+    assert recorded["files"] == {"model.safetensors": _sha((local / "model.safetensors").read_bytes())}
+    art = Registry.open(home).artifact(s["artifact"]["ref"])
+    assert art.recipe["base"]["hub"] == {"repo": "org/tiny-llama", "commit": commit}
+    res = _run(home, "pack", "team/l:1", "--graph", graph, "-o", tmp_path / "a.onnx_adapter",
+               "--base", f"hf:org/tiny-llama@{commit}", "--json")
+    assert res.code == 0, res.err
+    # the recorded folder (the home's view of the snapshot) is gone: found again by its commit
+    shutil.rmtree(home / "hub")
+    res = _run(home, "pack", "team/l:1", "--graph", graph, "-o", tmp_path / "b.onnx_adapter", "--json")
+    assert res.code == 0, res.err
+    assert (tmp_path / "a.onnx_adapter").read_bytes() == (tmp_path / "b.onnx_adapter").read_bytes()
+    for args in (["export", "--base", "hf:org/missing", "--to", "onnx", "--slots", "team/l:1", "-o", tmp_path / "x"],
+                 ["pack", "team/l:1", "--graph", graph, "-o", tmp_path / "x.onnx_adapter", "--base", "hf:org/missing"]):
+        res = _run(home, *args)
+        assert res.code == 2 and len(res.err.strip().splitlines()) == 1, res.err
+        assert "no copy is in the Hugging Face cache" in res.err
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.onnx_adapter").exists()
