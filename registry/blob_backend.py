@@ -8,13 +8,16 @@ default) and `registry.blob_s3.S3BlobStore` (an S3-compatible bucket, chosen wit
 A push goes through four steps so that bad input never reaches the store:
 
 1. `stage(source)`: hash the file (a local backend also copies it into a locked temp
-   file); nothing is visible yet and nothing remote is written.
+   file; the S3 backend starts a multipart upload of a large new blob, whose parts stay
+   invisible); nothing is visible yet, so the adapter's validation overlaps this work.
 2. `make_durable(staged)`: after the adapter validated, outside the database lock: the
-   local backend fsyncs its temp file, the S3 backend uploads (conditional PUT).
+   local backend fsyncs its temp file, the S3 backend uploads (conditional PUT) or
+   completes the upload `stage` started (conditional complete).
 3. `publish(staged)`: inside the write transaction: the blob is in place under its
    digest (renamed; or, remotely, still present: a `gc` may have removed an old
    unreferenced copy, then it is uploaded again). Returns True if it is new.
-4. `discard(staged)`: drop what a failed push left (always safe to call).
+4. `discard(staged)`: drop what a failed push left (always safe to call; aborts an upload
+   `stage` started and nobody completed).
 
 `gc` is mark-and-sweep: `iter_blobs()` lists what is stored with its time of writing, the
 registry marks what versions reference, and `remove()` sweeps the rest, skipping blobs

@@ -172,7 +172,8 @@ def _stage_all(db: Database, blobs: BlobBackend, folder: Path, files: list[Path]
 def _stage(db: Database, blobs: BlobBackend, path: Path, progress: Progress | None) -> Staged:
     """Copy+hash a file; hash only when a blob of the same size exists (a likely re-push).
 
-    A remote backend's staging always only hashes (it uploads at `make_durable`)."""
+    A remote backend's staging hashes and, for a large new blob, starts sending its parts
+    beside the validation; the object appears only at `make_durable`."""
     if not blobs.remote and _has_size(db, path.stat().st_size):
         st = blobs.stage_hash_only(path, progress)
         if blobs.exists(st.digest):
