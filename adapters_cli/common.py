@@ -177,6 +177,17 @@ def complete_ref(ctx: click.Context, param: click.Parameter, incomplete: str) ->
         return []
 
 
+def parse_ids(text: str, option: str = "--ids") -> list[int]:
+    """`1,2,3` -> [1, 2, 3]; `UserError` naming `option` for anything else."""
+    try:
+        out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated integers like 1,2,3") from None
+    if not out or any(i < 0 for i in out):
+        raise UserError(f"{option} {text!r}: give at least one non-negative token id")
+    return out
+
+
 # ----------------------------------------------------------------------------- output
 
 def to_json(obj: Any, indent: int = 2) -> str:

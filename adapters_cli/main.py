@@ -38,6 +38,12 @@ def _merge():
     return merge
 
 
+def _generate():
+    from adapters_cli import generate
+
+    return generate
+
+
 def _serve():
     from adapters_cli import serve
 
@@ -65,6 +71,7 @@ COMMANDS: dict[str, Callable[[], click.Command]] = {
     "db": lambda: _store().db,
     "export": lambda: _serve().export,
     "gc": lambda: _store().gc,
+    "generate": lambda: _generate().generate,
     "import": lambda: _hub().import_,
     "lineage": lambda: _store().lineage,
     "list": lambda: _store().list_,

@@ -48,6 +48,9 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 @click.option("--atol", type=float, default=None, help="Validation absolute tolerance (default per dtype).")
 @click.option("--rtol", type=float, default=None, help="Validation relative tolerance (default per dtype).")
 @click.option("--no-validate", is_flag=True, help="Skip ONNX validation (the artifact is not registered).")
+@click.option("--no-kv-cache", is_flag=True,
+              help="Decoders: export the plain graph (input_ids, attention_mask -> logits) without KV cache "
+                   "or genai_config.json.")
 @click.option("--allow-base-mismatch", is_flag=True,
               help="Merge even if --base differs from the base recorded when an adapter was pushed.")
 @click.option("--register/--no-register", default=True,
@@ -55,7 +58,7 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 @store_options
 def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, weights: tuple[float, ...],
           dtype: str, accumulate: str, max_shard_bytes: int | None, opset: int | None, provider: str,
-          atol: float | None, rtol: float | None, no_validate: bool, allow_base_mismatch: bool,
+          atol: float | None, rtol: float | None, no_validate: bool, no_kv_cache: bool, allow_base_mismatch: bool,
           register: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Merge ADAPTER(s) into the model at --base and write it --to safetensors or onnx.
 
@@ -76,7 +79,8 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
     opts = MergeOptions(
         adapters=list(adapters), base_dir=base_dir if is_hub_ref(base_dir) else Path(base_dir), target=target, out_dir=out_dir, weights=list(weights) or None,
         dtype=dtype, accumulate=accumulate, max_shard_bytes=max_shard_bytes, opset=opset, provider=provider,
-        atol=atol, rtol=rtol, validate=not no_validate, allow_base_mismatch=allow_base_mismatch,
+        atol=atol, rtol=rtol, validate=not no_validate, kv_cache=not no_kv_cache,
+        allow_base_mismatch=allow_base_mismatch,
         home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register,
         progress=progress.update if target == "safetensors" else None, on_stage=progress.stage)
     def body() -> dict[str, Any]:
@@ -113,6 +117,11 @@ def _print_human(s: dict[str, Any]) -> None:
                                  f"worst {c['worst_ratio']:.3g}x the tolerance"))
         else:
             rows.append(("validated", "no (--no-validate)"))
+        gen = (v.get("comparisons") or {}).get("generation")
+        if gen:
+            rows.append(("generation", f"prefill + {gen['steps']} greedy steps through the KV cache: max abs "
+                                       f"{gen['max_abs_diff']:.3g}, near-ties {gen['near_ties']}"))
+        rows.append(("kv cache", "yes (genai_config.json)" if s.get("kv_cache") else "no"))
     if s.get("untied"):
         rows.append(("untied", ", ".join(f"{k} (from {v})" for k, v in s["untied"].items())))
     for a in s["adapters"]:

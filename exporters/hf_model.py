@@ -108,6 +108,14 @@ def max_positions(config) -> int:
     return 512
 
 
+def cache_dims(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head size) of a decoder's KV cache, from its config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
 def build_model(config, untie: bool = False) -> torch.nn.Module:
     """A float32 model in eval mode from `config`; `untie` gives lm_head its own matrix."""
     from transformers import AutoModel, AutoModelForCausalLM

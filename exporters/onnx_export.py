@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
-from exporters.hf_model import OUTPUT_NAME, check_architecture, load_config, task_of
+from exporters.genai_config import GENAI_CONFIG_NAME, genai_config
+from exporters.hf_model import check_architecture, load_config, max_positions, task_of
 from exporters.memory import shortfall
 from exporters.model_build import BaseValues, DeferredModel, merged_model
 from exporters.onnx_graph import (
@@ -38,6 +39,7 @@ from exporters.onnx_graph import (
     ONNX_DTYPES,
     GraphSpec,
     export_graph,
+    kv_spec,
     plain_spec,
 )
 from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
@@ -80,6 +82,7 @@ def export_merged_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     validate: bool = True,
+    kv_cache: bool | None = None,
     accumulate: str = "float32",
     progress: ProgressFn | None = None,
     external_data: bool | None = None,
@@ -87,6 +90,10 @@ def export_merged_onnx(
     finish: Callable[[Path, dict[str, Any], dict[str, str]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Merge `adapters` (with `weights`) into the model at `base_dir`, export and validate it.
+
+    `kv_cache`: None (default) gives decoders the KV-cache signature (with
+    `genai_config.json`) and encoders the plain one; False keeps the plain signature for
+    decoders; True on an encoder is an `ExportError`.
 
     Returns a JSON-able summary: `output`, `files`, `opset`, `dtype`, `model_type`,
     `task`, `untied`, `export` (the export.json content), `validation` (None when
@@ -106,6 +113,9 @@ def export_merged_onnx(
     checkpoint = checkpoint if checkpoint is not None else open_checkpoint(base_dir)
     check_architecture(config, checkpoint.shapes, checkpoint.root / "config.json")  # before any allocation
     task = task_of(config)
+    if kv_cache and task != "causal-lm":
+        raise ExportError(f"{base_dir}: {config.model_type} is an encoder; a KV cache is for decoders")
+    spec = kv_spec(config) if task == "causal-lm" and kv_cache is not False else plain_spec(task, config)
     chosen = choose_provider(provider) if validate else None  # before the slow part
 
     seconds: dict[str, float] = {}
@@ -128,7 +138,6 @@ def export_merged_onnx(
     with staged_output(out_dir) as tmp:
         t = time.perf_counter()
         use_external = graph_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
-        spec = plain_spec(task)
         # saved with external data (streamed, one tensor at a time); the model is released
         # before a small graph's weights are moved inline (onnx_weights) or int4 is quantised
         first = tmp / ".float32" / GRAPH_NAME if dtype == "int4" else tmp / GRAPH_NAME
@@ -150,13 +159,16 @@ def export_merged_onnx(
             # changed tensor is read back from the base files when the unmerged pass needs it
             reference = DeferredModel(config, lambda: merged_model(
                 config, checkpoint, adapters, weights, accumulate=ACCUMULATE[accumulate]).model)
-            validation = validate_graph(tmp / GRAPH_NAME, reference, BaseValues(built.layout, built.changed()),
-                                        adapters, weights, task, chosen, provider, atol_v, rtol_v, dtype)
+            validation = validate_graph(tmp / GRAPH_NAME, spec, reference, BaseValues(built.layout, built.changed()),
+                                        adapters, weights, chosen, provider, atol_v, rtol_v, dtype)
             seconds["validation"] = round(time.perf_counter() - t, 3)
             if not validation["passed"]:
                 raise ValidationFailed(validation["failure"])
 
         digests = copy_side_files(checkpoint.root, tmp, {"tie_word_embeddings": False} if untied else None)
+        if spec.kv_cache:
+            digests[GENAI_CONFIG_NAME] = write_json(
+                tmp / GENAI_CONFIG_NAME, genai_config(config, spec, GRAPH_NAME, base_dir, max_positions(config)))
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
                          built.layout.ignored, validation, quantization)
         digests.update({name: f["sha256"] for name, f in recipe["files"].items()})
@@ -172,6 +184,7 @@ def export_merged_onnx(
         "digests": dict(sorted(digests.items())),  # every output file, taken while written
         "model_type": config.model_type,
         "task": task,
+        "kv_cache": spec.kv_cache,
         "dtype": dtype,
         "opset": real_opset,
         "untied": untied,
@@ -213,7 +226,8 @@ def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], 
             fsync_file(p)
             files[name] = {"sha256": digest, "bytes": size}
     task = spec.task
-    out_name = OUTPUT_NAME[task]
+    signature = spec.describe()
+    io_dtype = "float32" if dtype == "int4" else dtype
     return {
         "format": "onnx",
         "files": files,
@@ -222,10 +236,11 @@ def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], 
         "model_type": config.model_type,
         "architectures": list(getattr(config, "architectures", None) or []),
         "task": task,
-        "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in spec.input_names},
-        "outputs": {out_name: {"dtype": "float32" if dtype == "int4" else dtype, "shape": ["batch", "sequence",
-                                                         "vocab" if task == "causal-lm" else "hidden"]}},
-        "kv_cache": False,
+        "inputs": {n: {"dtype": "int64" if not n.startswith("past_") else io_dtype, "shape": shape}
+                   for n, shape in signature["inputs"].items()},
+        "outputs": {n: {"dtype": io_dtype, "shape": shape} for n, shape in signature["outputs"].items()},
+        "kv_cache": spec.kv_cache,
+        "genai_config": GENAI_CONFIG_NAME if spec.kv_cache else None,
         "dtype": dtype,
         "quantization": quantization,
         "opset": opset,

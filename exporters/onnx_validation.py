@@ -2,7 +2,13 @@
 
 1. the merged PyTorch model: proves the export;
 2. the *base* model with the adapters applied unmerged (`mora_core.forward.apply_unmerged`):
-   proves the merge itself.
+   proves the merge itself;
+3. for KV-cache graphs, generation: prefill plus greedy decode steps through the graph's
+   own cache against the unmerged reference with PyTorch's cache
+   (`exporters.generation_check`).
+
+The shape cases of 1 and 2 run a KV graph with an empty past (prefill) and position ids
+`cumsum(mask) - 1`, which the PyTorch references get too.
 
 `validate_graph` never raises for a graph that is wrong or cannot run: it returns a
 report whose `passed` is False and whose `failure` is the one line to show; the caller
@@ -18,9 +24,15 @@ from typing import Any
 
 import torch
 
+from exporters.generation_check import (
+    compare_generation,
+    generation_failure_line,
+    generation_prompts,
+)
 from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, load_weights, max_positions
 from exporters.model_build import DeferredModel
-from exporters.onnx_graph import PlainWrapper
+from exporters.onnx_graph import GraphSpec, PlainWrapper
+from exporters.ort_decoder import OrtDecoder, positions
 from exporters.providers import open_session, really_used
 from exporters.validate import Case, compare, failure_line, make_cases
 from mora_core.adapter import Adapter
@@ -36,8 +48,9 @@ def _cannot_run(provider: str, exc: BaseException) -> str:
             f"({type(exc).__name__}: {first}); nothing was written")
 
 
-def validate_graph(graph: Path, model: torch.nn.Module | DeferredModel, restore: Mapping[str, torch.Tensor],
-                   adapters: Sequence[Adapter], weights: Sequence[float], task: str, provider: str,
+def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | DeferredModel,
+                   restore: Mapping[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float],
+                   provider: str,
                    requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
     """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
 
@@ -47,12 +60,19 @@ def validate_graph(graph: Path, model: torch.nn.Module | DeferredModel, restore:
     return `model` holds the base weights. The report is JSON-able.
     """
     config = model.config
+    task = spec.task
     out_name = OUTPUT_NAME[task]
-    cases = make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
+    max_len = min(VALIDATION_MAX_LEN, max_positions(config))
+    cases = make_cases(int(config.vocab_size), max_len, PADDING_SIDE[task],
+                       token_types="token_type_ids" in spec.input_names)
     try:
         session = open_session(graph, provider)
-        outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask})[0]
-                   for c in cases]
+        if spec.kv_cache:
+            decoder = OrtDecoder(session)
+            outputs = [decoder.step(c.input_ids, c.attention_mask, decoder.start(len(c.input_ids)))[0]
+                       for c in cases]
+        else:
+            outputs = [session.run([out_name], c.feed(spec.input_names))[0] for c in cases]
     except Exception as exc:  # the graph does not load or run: that is a failed check too
         return {"passed": False, "provider": provider, "requested_provider": requested,
                 "failure": _cannot_run(provider, exc)}
@@ -63,8 +83,13 @@ def validate_graph(graph: Path, model: torch.nn.Module | DeferredModel, restore:
     wrapper = PlainWrapper(model, task).eval()
 
     def torch_run(case: Case):
+        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
         with torch.no_grad():
-            return wrapper(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
+            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
+                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
+                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
+            types = None if case.token_type_ids is None else torch.from_numpy(case.token_type_ids)
+            return wrapper(ids, mask, types).numpy()
 
     comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol,
                                                  norm=dtype == "int4")}
@@ -73,6 +98,15 @@ def validate_graph(graph: Path, model: torch.nn.Module | DeferredModel, restore:
     with apply_unmerged(model, adapters, weights):
         comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
                                                   torch_run, atol, rtol, norm=dtype == "int4")
+        if spec.kv_cache:  # a second session, opened after the first was released
+            try:
+                decoder = OrtDecoder(open_session(graph, provider))
+                comparisons["generation"] = compare_generation(
+                    decoder, model, generation_prompts(int(config.vocab_size), max_len), atol, rtol)
+            except Exception as exc:
+                return {"passed": False, "provider": used, "requested_provider": requested,
+                        "failure": _cannot_run(used, exc)}
+            del decoder
     report: dict[str, Any] = {
         "provider": used,
         "requested_provider": requested,
@@ -88,6 +122,7 @@ def validate_graph(graph: Path, model: torch.nn.Module | DeferredModel, restore:
         "comparisons": comparisons,
     }
     if not report["passed"]:
-        failed = next(c for c in comparisons.values() if not c["passed"])
-        report["failure"] = failure_line(failed, used, atol, rtol)
+        key, failed = next((k, c) for k, c in comparisons.items() if not c["passed"])
+        line = generation_failure_line if key == "generation" else failure_line
+        report["failure"] = line(failed, used, atol, rtol)
     return report

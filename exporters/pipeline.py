@@ -51,6 +51,7 @@ class MergeOptions:
         accumulate: accumulation dtype of the merge (cast once at the end).
         max_shard_bytes: repack safetensors shards to at most this; None keeps the base's sharding.
         opset, provider, atol, rtol, validate: the ONNX export and its validation.
+        kv_cache: decoders get the KV-cache graph + genai_config.json (False: the plain graph).
         allow_base_mismatch: merge a registry version onto a base other than the one recorded.
         home, db_url, blob_url: the registry (for references and registration).
         register: record the output as an artifact (ONNX: only when validated).
@@ -75,6 +76,7 @@ class MergeOptions:
     atol: float | None = None
     rtol: float | None = None
     validate: bool = True
+    kv_cache: bool = True
     allow_base_mismatch: bool = False
     home: Path | None = None
     db_url: str | None = None
@@ -212,7 +214,8 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
                 base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
-                accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint, finish=card)}
+                accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint, finish=card,
+                kv_cache=None if opts.kv_cache else False)}
         if base_digests is not None:
             opts.stage("hashing the base (for the record)")
         base_files = base_digests.result() if base_digests is not None else {}  # the thread is done with the store

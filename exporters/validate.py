@@ -43,16 +43,26 @@ class Case:
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None = None  # encoders with segment embeddings
+
+    def feed(self, names) -> dict[str, np.ndarray]:
+        """The ONNX inputs among `names` this case provides."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
+        return {k: v for k, v in out.items() if k in names}
 
     def describe(self) -> dict[str, int]:
         b, s = self.input_ids.shape
         return {"batch": int(b), "seq": int(s), "padded_rows": int((self.attention_mask == 0).any(axis=1).sum())}
 
 
-def make_cases(vocab_size: int, max_len: int, padding_side: str = "left", seed: int = 0) -> list[Case]:
+def make_cases(vocab_size: int, max_len: int, padding_side: str = "left", seed: int = 0,
+               token_types: bool = False) -> list[Case]:
     """Several batch sizes and sequence lengths, some rows padded on `padding_side`.
 
-    `max_len` is the model's position limit; every case fits in it.
+    `max_len` is the model's position limit; every case fits in it. `token_types`: the
+    second half of each row's tokens is segment 1 (a sentence pair), padding segment 0.
     """
     rng = np.random.default_rng(seed)
     specs = [(1, 1), (1, 9), (2, 16), (3, 5), (4, 33)]
@@ -67,7 +77,13 @@ def make_cases(vocab_size: int, max_len: int, padding_side: str = "left", seed: 
                 mask[row, : seq - keep] = 0
             else:
                 mask[row, keep:] = 0
-        cases.append(Case(ids, mask))
+        types = None
+        if token_types:
+            types = np.zeros_like(ids)
+            for row in range(batch):
+                real = np.nonzero(mask[row])[0]
+                types[row, real[len(real) // 2:]] = 1
+        cases.append(Case(ids, mask, types))
     return cases
 
 

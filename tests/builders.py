@@ -363,3 +363,26 @@ def write_hf_cache(cache: Path, repo_id: str, files: dict[str, bytes], *, commit
     for ref in refs:
         (repo / "refs" / ref).write_text(commit)
     return commit
+
+
+BPE_VOCAB = 300  # 256 byte symbols + <|endoftext|> + merges
+
+
+def write_bpe_tokenizer(folder: Path, vocab_size: int = BPE_VOCAB) -> Path:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on a few sentences; onnxruntime-genai reads it.
+
+    Bases that carry it need `vocab_size=BPE_VOCAB`. `<|endoftext|>` (id 0) is bos/eos.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "adapters merge into the base",
+                             "a registry of low rank and high rank adapters"] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(str(folder))
+    return folder

@@ -67,7 +67,8 @@ def llama_mix(root):
 
 @pytest.fixture(scope="module")
 def gpt2_lora(root):
-    return _export(root, "gpt2-lora", "gpt2", [_lora(root, "gpt2")], [1.0])
+    """The plain graph (`--no-kv-cache`): input_ids, attention_mask -> logits."""
+    return _export(root, "gpt2-lora", "gpt2", [_lora(root, "gpt2")], [1.0], kv_cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,13 @@ def bert_mix(root):
 
 
 def _session_out(summary: dict, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The graph's first output for (ids, mask); a KV-cache graph runs as a prefill (empty past)."""
+    from exporters.ort_decoder import OrtDecoder
+
     sess = open_session(Path(summary["output"]) / "model.onnx", "cpu")
+    if summary.get("kv_cache"):
+        decoder = OrtDecoder(sess)
+        return decoder.step(ids, mask, decoder.start(len(ids)))[0]
     return sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
 
@@ -91,9 +98,13 @@ def test_export_validates_against_merged_and_unmerged_pytorch(fixture, request):
     v = s["validation"]
     assert v["passed"] and v["provider"] == "cpu" and v["requested_provider"] == "auto"
     assert v["session_providers"][0] == "CPUExecutionProvider"
-    assert set(v["comparisons"]) == {"merged_pytorch", "unmerged_pytorch"}
+    decoder_kv = fixture in ("llama_mix", "gpt2_mora")  # decoders default to the KV-cache graph
+    assert s["kv_cache"] is decoder_kv
+    assert set(v["comparisons"]) == {"merged_pytorch", "unmerged_pytorch"} | ({"generation"} if decoder_kv else set())
     assert (v["atol"], v["rtol"]) == (1e-4, 1e-4)  # float32 defaults
-    for comp in v["comparisons"].values():
+    for key, comp in v["comparisons"].items():
+        if key == "generation":
+            continue
         assert comp["passed"] and comp["worst_ratio"] <= 1
         shapes = {(c["batch"], c["seq"]) for c in comp["cases"]}
         assert len({b for b, _ in shapes}) >= 3 and len({q for _, q in shapes}) >= 3
@@ -114,7 +125,9 @@ def test_output_folder_holds_graph_recipe_and_side_files(llama_mix):
     assert recipe["files"]["model.onnx"]["sha256"] == hash_file(out / "model.onnx")[0]
     assert [a["weight"] for a in recipe["adapters"]] == [1.0, 0.5]
     assert [a["kind"] for a in recipe["adapters"]] == ["mora", "lora"]
-    assert recipe["validation"]["passed"] and recipe["kv_cache"] is False
+    assert recipe["validation"]["passed"] and recipe["kv_cache"] is True
+    assert recipe["genai_config"] == "genai_config.json" and (out / "genai_config.json").is_file()
+    assert "past_key_values.1.value" in recipe["inputs"] and "present.0.key" in recipe["outputs"]
     assert "torch" in recipe["tools"] and "onnx" in recipe["tools"]
 
 
@@ -131,18 +144,33 @@ def test_untouched_tied_base_stays_tied(gpt2_mora):
     assert gpt2_mora["untied"] == {}
 
 
-@pytest.mark.parametrize("fixture", ["llama_mix", "bert_mix"])
-def test_graph_declares_dynamic_batch_and_sequence(fixture, request):
+@pytest.mark.parametrize("fixture", ["gpt2_lora", "bert_mix"])
+def test_plain_graph_declares_dynamic_batch_and_sequence(fixture, request):
     s = request.getfixturevalue(fixture)
     sess = open_session(Path(s["output"]) / "model.onnx", "cpu")
     ins = {i.name: i.shape for i in sess.get_inputs()}
-    assert set(ins) == {"input_ids", "attention_mask"}
+    bert = fixture == "bert_mix"
+    assert set(ins) == {"input_ids", "attention_mask"} | ({"token_type_ids"} if bert else set())
     for shape in ins.values():
         assert all(isinstance(d, str) for d in shape), shape
     (out,) = sess.get_outputs()
-    assert out.name == ("logits" if fixture == "llama_mix" else "last_hidden_state")
+    assert out.name == ("last_hidden_state" if bert else "logits")
     ids = np.arange(5 * 41, dtype=np.int64).reshape(5, 41) % 90
-    assert sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0].shape[:2] == (5, 41)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if bert:
+        feed["token_type_ids"] = np.zeros_like(ids)
+    assert sess.run(None, feed)[0].shape[:2] == (5, 41)
+    assert not (Path(s["output"]) / "genai_config.json").exists()
+
+
+def test_bert_graph_uses_token_type_ids(bert_mix):
+    """Segment ids change BERT's output: the graph must honour them, not ignore the input."""
+    sess = open_session(Path(bert_mix["output"]) / "model.onnx", "cpu")
+    ids = np.arange(2 * 9, dtype=np.int64).reshape(2, 9) % 90
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    zeros = sess.run(None, feed)[0]
+    feed["token_type_ids"] = np.ones_like(ids)
+    assert np.abs(sess.run(None, feed)[0] - zeros).max() > 1e-3
 
 
 def test_gpt2_conv1d_lora_graph_equals_peft_forward(gpt2_lora, root):

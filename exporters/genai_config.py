@@ -1,0 +1,130 @@
+"""`genai_config.json` for a KV-cache decoder graph, so `onnxruntime_genai.Model(OUT)` loads it.
+
+The file names the graph, its input/output names (the `%d` patterns of the cache), the
+model's shape (heads, kv heads, head size, hidden size, layers, context length, vocab
+size), the special token ids and search defaults (greedy unless the base's
+`generation_config.json` says otherwise). It is written beside the graph with the
+tokenizer files the export copies from the base folder. `past_present_share_buffer` is
+false: the graph returns past + new as its presents (Optimum's layout), it does not
+write into a preallocated buffer. Special ids outside the vocabulary (toy configs keep
+GPT-2's 50256 with a small vocabulary) are dropped, as genai refuses them; a model left
+without an eos id gets its pad id (else 0) as eos.
+
+`type`: Llama, Mistral and Qwen2 keep their names; genai's own "gpt2" type expects a
+combined `past_%d` cache, not the separate key/value tensors of our graph, so GPT-2
+graphs are described with genai's generic "decoder" type (the runtime only feeds the
+graph; the architecture is inside it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporters.onnx_layout import (
+    GENAI_CONFIG_NAME,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+)
+
+if TYPE_CHECKING:
+    from exporters.onnx_graph import GraphSpec
+
+__all__ = ["GENAI_CONFIG_NAME", "genai_config", "special_ids"]
+# model_type -> onnxruntime-genai's model type (the runtime knows these decoder-only families)
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "decoder"}
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def _ids(value: Any) -> int | list[int] | None:
+    if isinstance(value, list):
+        return [int(v) for v in value] if len(value) > 1 else _first_id(value)
+    return None if value is None else int(value)
+
+
+def special_ids(config, base_dir: Path) -> dict[str, Any]:
+    """bos/eos/pad ids and sampling defaults: generation_config.json first, then config.json."""
+    gen: dict[str, Any] = {}
+    path = Path(base_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            gen = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            gen = {}
+
+    def pick(key: str) -> Any:
+        return gen.get(key) if gen.get(key) is not None else getattr(config, key, None)
+
+    vocab = int(config.vocab_size)
+
+    def valid(value: Any) -> Any:  # onnxruntime-genai refuses ids outside [0, vocab_size)
+        if isinstance(value, list):
+            kept = [v for v in value if 0 <= v < vocab]
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return value if value is not None and 0 <= value < vocab else None
+
+    eos = valid(_ids(pick("eos_token_id")))
+    bos = valid(_first_id(pick("bos_token_id")))
+    pad = valid(_first_id(pick("pad_token_id")))
+    if pad is None:
+        pad = _first_id(eos) if eos is not None else 0
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+            "do_sample": bool(gen.get("do_sample", False)), "temperature": float(gen.get("temperature", 1.0)),
+            "top_k": int(gen.get("top_k", 50) or 50), "top_p": float(gen.get("top_p", 1.0) or 1.0)}
+
+
+def genai_config(config, spec: GraphSpec, graph_name: str, base_dir: Path, context_length: int) -> dict[str, Any]:
+    """The genai_config.json content for the KV graph `graph_name` with signature `spec`."""
+    if not spec.kv_cache:
+        raise ValueError("genai_config needs a KV-cache graph")
+    ids = special_ids(config, base_dir)
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+              "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE}
+    if "position_ids" in spec.input_names:
+        inputs["position_ids"] = "position_ids"
+    return {
+        "model": {
+            "bos_token_id": ids["bos_token_id"] if ids["bos_token_id"] is not None else ids["pad_token_id"],
+            "context_length": int(context_length),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": graph_name,
+                "head_size": spec.head_size,
+                "hidden_size": int(config.hidden_size),
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY,
+                            "present_value_names": PRESENT_VALUE},
+                "num_attention_heads": int(config.num_attention_heads),
+                "num_hidden_layers": spec.layers,
+                "num_key_value_heads": spec.kv_heads,
+            },
+            "eos_token_id": ids["eos_token_id"] if ids["eos_token_id"] is not None else ids["pad_token_id"],
+            "pad_token_id": ids["pad_token_id"],
+            "type": GENAI_TYPES[config.model_type],
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": ids["do_sample"],
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": int(context_length),
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": ids["temperature"],
+            "top_k": ids["top_k"],
+            "top_p": ids["top_p"],
+        },
+    }

@@ -1,0 +1,126 @@
+"""Validation of a KV-cache graph *while generating*: prefill, then greedy decode through the cache.
+
+The ONNX side runs the graph on ONNX Runtime step by step, feeding its own presents back
+as the next past (`exporters.ort_decoder.OrtDecoder`); the reference is a PyTorch model
+(the base with the adapters applied unmerged, in practice) driven with transformers'
+own `DynamicCache`. Both get the same tokens (the reference's greedy choice: teacher
+forcing), so every step compares like with like:
+
+- logits of every new token position: `|onnx - ref| <= atol + rtol*|ref|`;
+- the greedy token: ONNX's argmax must equal the reference's, except where the
+  reference's top-2 margin is a near-tie, `margin <= 2*(atol + rtol*|top1|)` (within
+  tolerance either token may win); near-ties are counted in the report.
+
+Cases: one unpadded row, and a batch of 3 rows left-padded to different lengths
+(position ids `cumsum(mask) - 1`, as transformers' `generate` and onnxruntime-genai use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporters.ort_decoder import OrtDecoder, positions
+from exporters.validate import diff_stats
+
+GENERATION_STEPS = 16
+NAME = "generation vs base + unmerged adapters (PyTorch cache)"
+
+
+def generation_prompts(vocab_size: int, max_len: int, seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) prompts: batch 1 unpadded, batch 3 left-padded to 3 lengths; fits `max_len`."""
+    rng = np.random.default_rng(seed)
+    seq = max(1, min(9, max_len - GENERATION_STEPS - 1))
+    out = []
+    for batch, lengths in ((1, (min(7, seq),)), (3, (seq, max(1, 2 * seq // 3), max(1, seq // 3)))):
+        width = max(lengths)
+        ids = rng.integers(0, vocab_size, size=(batch, width), dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        for row, n in enumerate(lengths):
+            mask[row, width - n:] = 1
+        ids = np.where(mask == 1, ids, 0)
+        out.append((ids, mask))
+    return out
+
+
+def _torch_step(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, cache) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(positions(mask, ids.shape[1])), past_key_values=cache,
+                    use_cache=True, return_dict=True)
+    return out.logits.float().numpy()
+
+
+def compare_generation(decoder: OrtDecoder, reference: torch.nn.Module,
+                       prompts: Sequence[tuple[np.ndarray, np.ndarray]], atol: float, rtol: float,
+                       steps: int = GENERATION_STEPS) -> dict[str, Any]:
+    """Prefill + `steps` greedy decode steps of each prompt on both sides; the comparison report."""
+    from transformers import DynamicCache
+
+    cases = []
+    for ids, mask in prompts:
+        batch = ids.shape[0]
+        state = decoder.start(batch)
+        cache = DynamicCache()
+        worst: dict[str, Any] = {"worst_ratio": 0.0, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "step": 0}
+        mismatch = None
+        near_ties = 0
+        new_ids, total_mask = ids, mask
+        for step in range(steps + 1):  # step 0 is the prefill
+            onnx_logits, state = decoder.step(new_ids, total_mask, state)
+            ref_logits = _torch_step(reference, new_ids, total_mask, cache)
+            stats = diff_stats(onnx_logits, ref_logits, total_mask[:, -new_ids.shape[1]:], atol, rtol)
+            worst["max_abs_diff"] = max(worst["max_abs_diff"], stats["max_abs_diff"])
+            worst["max_rel_diff"] = max(worst["max_rel_diff"], stats["max_rel_diff"])
+            if stats["worst_ratio"] > worst["worst_ratio"]:
+                worst.update(worst_ratio=stats["worst_ratio"], step=step)
+            if "shape_mismatch" in stats or "non_finite" in stats:
+                break
+            last_ref = ref_logits[:, -1].astype(np.float64)
+            ref_next = last_ref.argmax(axis=-1)
+            onnx_next = onnx_logits[:, -1].astype(np.float64).argmax(axis=-1)
+            top2 = np.sort(last_ref, axis=-1)[:, -2:]
+            margin = top2[:, 1] - top2[:, 0]
+            tie = 2 * (atol + rtol * np.abs(top2[:, 1]))
+            for row in np.nonzero(onnx_next != ref_next)[0]:
+                if margin[row] <= tie[row]:
+                    near_ties += 1
+                elif mismatch is None:
+                    mismatch = {"step": step, "row": int(row), "onnx": int(onnx_next[row]),
+                                "reference": int(ref_next[row]), "margin": float(margin[row]),
+                                "near_tie": float(tie[row])}
+            new_ids = ref_next[:, None].astype(np.int64)
+            total_mask = np.concatenate([total_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        cases.append({"batch": int(batch), "prompt": int(ids.shape[1]),
+                      "padded_rows": int((mask == 0).any(axis=1).sum()), "steps": steps,
+                      **worst, "near_ties": near_ties, "token_mismatch": mismatch})
+    worst_case = max(cases, key=lambda c: c["worst_ratio"])
+    return {
+        "name": NAME,
+        "passed": all(c["worst_ratio"] <= 1.0 and c["token_mismatch"] is None for c in cases),
+        "steps": steps,
+        "max_abs_diff": max(c["max_abs_diff"] for c in cases),
+        "max_rel_diff": max(c["max_rel_diff"] for c in cases),
+        "worst_ratio": worst_case["worst_ratio"],
+        "worst_case": {k: worst_case[k] for k in ("batch", "prompt", "step")},
+        "near_ties": sum(c["near_ties"] for c in cases),
+        "cases": cases,
+    }
+
+
+def generation_failure_line(comparison: dict[str, Any], provider: str, atol: float, rtol: float) -> str:
+    """The one line a failed generation comparison is reported with."""
+    bad = next((c for c in comparison["cases"] if c["token_mismatch"] is not None), None)
+    if comparison["worst_ratio"] <= 1.0 and bad is not None:
+        m = bad["token_mismatch"]
+        return (f"validation failed on {provider}: greedy token differs from {comparison['name']} at batch "
+                f"{bad['batch']} row {m['row']}, step {m['step']}: ONNX {m['onnx']}, reference {m['reference']} "
+                f"(top-2 margin {m['margin']:.3g} > near-tie {m['near_tie']:.3g}); nothing was written")
+    w = comparison["worst_case"]
+    return (f"validation failed on {provider}: ONNX {comparison['name']} differs at batch {w['batch']}, "
+            f"step {w['step']}: max abs diff {comparison['max_abs_diff']:.3g}, max rel diff "
+            f"{comparison['max_rel_diff']:.3g} exceed atol {atol:g} + rtol {rtol:g}*|ref| "
+            f"({comparison['worst_ratio']:.3g}x the tolerance); nothing was written")
