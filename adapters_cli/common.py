@@ -182,9 +182,9 @@ def parse_ids(text: str, option: str = "--ids") -> list[int]:
     try:
         out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated integers like 1,2,3") from None
-    if not out or any(i < 0 for i in out):
-        raise UserError(f"{option} {text!r}: give at least one non-negative token id")
+        raise UserError(f"{option} {text[:80]!r}: expected comma-separated integers like 1,2,3") from None
+    if not out or any(not 0 <= i < 2**63 for i in out):  # int64 token ids: numpy would overflow past 2**63-1
+        raise UserError(f"{option} {text[:80]!r}: give at least one token id, each from 0 to 2**63-1")
     return out
 
 

@@ -4,6 +4,11 @@ Loads `OUT/model.onnx` in ONNX Runtime (no torch), feeds one sequence and prints
 next-token prediction (causal LMs) or a summary of the mean-pooled embedding (encoders),
 with the provider that really ran. `--text` needs the tokenizer files that the export
 copied from the base folder; `--ids` needs nothing.
+
+The graph gets what the tokenizer really returns: its attention mask (a tokenizer that
+pads to a fixed length marks the padding with 0s, and the embedding is pooled over real
+tokens only), its token type ids (BERT graphs take them), and on KV-cache graphs an
+empty past with position ids. An id outside the vocabulary is one error line.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 import click
 
-from adapters_cli.common import UserError, emit_json, run_guarded, store_options
+from adapters_cli.common import UserError, emit_json, parse_ids, run_guarded, store_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,80 +42,60 @@ def run(model: Path, text: str | None, ids: str | None, provider: str, top_k: in
 
 
 def _graph_path(model: Path) -> tuple[Path, dict[str, Any]]:
-    """The graph to load and the export's recipe, read under the folder rule.
+    """The graph to load and the export's recipe, read under the folder rule (see exporters.export_folder)."""
+    from exporters.export_folder import graph_and_recipe
 
-    `model` is an export folder (or a `.onnx` file in one). The graph, its external data
-    and `export.json` are read only if they are regular files inside that folder (no
-    symbolic link leaving it, no FIFO); the recipe goes through the strict JSON reader.
-    """
-    from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
-    from mora_core.checkpoint import member
-    from mora_core.safe_io import read_json
-
-    if model.suffix == ".onnx" and not model.is_dir():
-        folder, name = model.parent, model.name
-    elif model.is_dir():
-        folder, name = model, GRAPH_NAME
-        if not (folder / name).exists() and not (folder / name).is_symlink():
-            raise UserError(f"{model}: no {GRAPH_NAME} here (give an `adapters merge --to onnx` output folder)")
-    else:
-        raise UserError(f"{model}: no such folder (give an `adapters merge --to onnx` output folder)")
-    graph = member(folder, name)
-    if (folder / DATA_NAME).exists() or (folder / DATA_NAME).is_symlink():
-        member(folder, DATA_NAME)
-    recipe: dict[str, Any] = {}
-    if (folder / RECIPE_NAME).exists() or (folder / RECIPE_NAME).is_symlink():
-        member(folder, RECIPE_NAME)
-        loaded = read_json(folder / RECIPE_NAME, what="export recipe")
-        if not isinstance(loaded, dict):
-            raise UserError(f"{folder / RECIPE_NAME}: not a JSON object")
-        recipe = loaded
-    return graph, recipe
-
-
-def _parse_ids(text: str) -> list[int]:
-    try:
-        out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise UserError(f"--ids {text!r}: expected comma-separated integers like 1,2,3") from None
-    if not out or any(not 0 <= i < 2**63 for i in out):
-        raise UserError(f"--ids {text[:80]!r}: give at least one token id, each from 0 to 2**63-1")
-    return out
+    return graph_and_recipe(model)
 
 
 class _Tokenizer:
-    """encode/decode over `tokenizers` (tokenizer.json, no torch) or, failing that, transformers."""
+    """encode (ids, attention mask, token type ids) and decode, over tokenizer.json or transformers."""
 
     def __init__(self, encode, decode):
         self.encode, self.decode = encode, decode
 
 
 def _tokenizer(folder: Path, allow_transformers: bool) -> _Tokenizer | None:
-    path = folder / "tokenizer.json"
-    if path.exists() or path.is_symlink():
-        from mora_core.checkpoint import member
+    from exporters.text_tokenizer import Encoded, TextTokenizer
 
-        path = member(folder, "tokenizer.json")  # the folder rule: no link out, no FIFO
-        try:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(path))
-            return _Tokenizer(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids))
-        except Exception:
-            pass
+    tok = TextTokenizer.from_folder(folder)
+    if tok is not None:
+        return _Tokenizer(tok.encode, tok.decode)
     if not allow_transformers:  # transformers imports torch: only when --text needs it
         return None
     try:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return _Tokenizer(lambda text: list(hf(text)["input_ids"]), lambda ids: hf.decode(ids))
     except Exception:
         return None
+
+    def encode(text: str) -> Encoded:
+        enc = hf(text)
+        ids = list(enc["input_ids"])
+        return Encoded(ids, list(enc.get("attention_mask", [1] * len(ids))),
+                       list(enc.get("token_type_ids", [0] * len(ids))))
+
+    return _Tokenizer(encode, lambda ids: hf.decode(ids))
+
+
+def _vocab_size(session, folder: Path, out_name: str) -> int | None:
+    """The graph's vocabulary: the logits' last dimension, else config.json's vocab_size.
+
+    config.json is read under the folder rule and by the strict JSON reader.
+    """
+    meta = next(o for o in session.get_outputs() if o.name == out_name)
+    if out_name == "logits" and isinstance(meta.shape[-1], int):
+        return int(meta.shape[-1])
+    from exporters.export_folder import config_vocab_size
+
+    return config_vocab_size(folder)
 
 
 def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: int, as_json: bool) -> None:
     import numpy as np
+
+    from exporters.text_tokenizer import Encoded
 
     if (text is None) == (ids is None):
         raise UserError("give exactly one of --text or --ids")
@@ -120,12 +105,14 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
     if text is not None:
         if tok is None:
             raise UserError(f"{folder}: no tokenizer files to encode --text; use --ids")
-        token_ids = list(tok.encode(text))
-        if not token_ids:
+        enc = tok.encode(text)
+        if not any(enc.attention_mask):
             raise UserError("--text encodes to no tokens")
     else:
-        token_ids = _parse_ids(ids or "")
+        parsed = parse_ids(ids or "")
+        enc = Encoded(parsed, [1] * len(parsed), [0] * len(parsed))
 
+    from exporters.ort_decoder import OrtDecoder
     from exporters.providers import choose_provider, open_session, really_used
 
     chosen = choose_provider(provider)
@@ -135,24 +122,37 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
         raise UserError(f"{graph}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
     used, _ = really_used(session)
     names = [i.name for i in session.get_inputs()]
-    if set(names) != {"input_ids", "attention_mask"}:
-        raise UserError(f"{graph}: inputs are {names}, expected input_ids and attention_mask")
-    out_meta = session.get_outputs()[0]
-    vocab = out_meta.shape[-1] if out_meta.name == "logits" and isinstance(out_meta.shape[-1], int) else None
-    if vocab is not None and max(token_ids) >= vocab:
-        raise UserError(f"--ids: token id {max(token_ids)} is outside the vocabulary (size {vocab})")
-    feed = {"input_ids": np.asarray([token_ids], dtype=np.int64),
-            "attention_mask": np.ones((1, len(token_ids)), dtype=np.int64)}
+    outputs = [o.name for o in session.get_outputs()]
+    out_name = "logits" if "logits" in outputs else "last_hidden_state"
+    if out_name not in outputs or not {"input_ids", "attention_mask"} <= set(names):
+        raise UserError(f"{graph}: inputs {names} and outputs {outputs} are not an exported decoder or encoder")
+    vocab = _vocab_size(session, folder, out_name)
+    if vocab is not None:
+        bad = [i for i in enc.ids if not 0 <= i < vocab]
+        if bad:
+            raise UserError(f"{'--ids' if ids is not None else '--text'}: token id {bad[0]} is outside the "
+                            f"vocabulary (ids 0 to {vocab - 1})")
+    input_ids = np.asarray([enc.ids], dtype=np.int64)
+    mask = np.asarray([enc.attention_mask], dtype=np.int64)
     try:
-        (out,) = session.run([out_meta.name], feed)
+        if out_name == "logits":
+            decoder = OrtDecoder(session)
+            out, _ = decoder.step(input_ids, mask, decoder.start(1))
+        else:
+            feed = {"input_ids": input_ids, "attention_mask": mask}
+            if "token_type_ids" in names:
+                feed["token_type_ids"] = np.asarray([enc.type_ids], dtype=np.int64)
+            (out,) = session.run([out_name], feed)
     except Exception as exc:
-        raise UserError(f"{graph}: inference failed on {len(token_ids)} tokens "
+        raise UserError(f"{graph}: inference failed on {len(enc.ids)} tokens "
                         f"({str(exc).splitlines()[0][:160]})") from None
     out = out.astype(np.float64)
+    real = mask[0].astype(bool)
+    token_ids = [int(i) for i, m in zip(enc.ids, enc.attention_mask) if m]
     summary: dict[str, Any] = {"model": str(graph), "provider": used, "requested_provider": provider,
-                               "input_ids": token_ids, "output": out_meta.name, "task": recipe.get("task")}
-    if out_meta.name == "logits":
-        last = out[0, -1]
+                               "input_ids": token_ids, "output": out_name, "task": recipe.get("task")}
+    if out_name == "logits":
+        last = out[0, int(np.nonzero(real)[0][-1])]  # the last real token (a tokenizer may pad right)
         probs = np.exp(last - last.max())
         probs /= probs.sum()
         order = np.argsort(-last)[:top_k]
@@ -160,8 +160,8 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
             {"id": int(i), "logit": float(last[i]), "prob": float(probs[i]),
              **({"token": tok.decode([int(i)])} if tok is not None else {})} for i in order]
     else:
-        pooled = out[0].mean(axis=0)
-        summary["embedding"] = {"shape": list(out.shape), "dim": int(pooled.shape[0]),
+        pooled = out[0][real].mean(axis=0)  # mean over real tokens only, as sentence-transformers pools
+        summary["embedding"] = {"shape": [1, int(real.sum()), int(out.shape[-1])], "dim": int(pooled.shape[0]),
                                 "mean_pooled_norm": float(np.linalg.norm(pooled)),
                                 "first": [round(float(v), 6) for v in pooled[:4]]}
     if as_json:

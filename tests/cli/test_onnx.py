@@ -237,3 +237,90 @@ def test_run_does_not_import_torch(merged):
     p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["next_token"]
+
+
+# --------------------------------------------------------------------------- adapters generate
+
+
+def _reference_greedy(files, ids: list[int], new: int) -> list[int]:
+    """transformers' greedy generate on the base with both adapters applied unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    from mora_core.adapter import load_adapter
+    from mora_core.forward import apply_unmerged
+
+    model = AutoModelForCausalLM.from_pretrained(str(files["base"]), attn_implementation="eager").eval()
+    with apply_unmerged(model, [load_adapter(files["mora1"]), load_adapter(files["lora"])], [1.0, 0.5]), \
+            torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return [int(t) for t in out[0, len(ids):]]
+
+
+def test_merge_writes_a_kv_cache_graph_with_genai_config(merged):
+    out, s = merged
+    assert s["kv_cache"] is True and "generation" in s["validation"]["comparisons"]
+    assert (out / "genai_config.json").is_file()
+
+
+@pytest.mark.parametrize("engine", ["genai", "ort"])
+def test_generate_from_ids(merged, files, engine):
+    out, _ = merged
+    ids = [3, 14, 15, 92, 65]
+    r = adapters("generate", out, "--ids", ",".join(map(str, ids)), "--max-new-tokens", "10", "--engine", engine,
+                 "--json", home=files["root"] / "h")
+    assert r.code == 0, r.err
+    s = r.json()
+    assert s["tokens"] == _reference_greedy(files, ids, 10)[: len(s["tokens"])] and len(s["tokens"]) >= 1
+    assert s["engine"] == engine and s["provider"] == "cpu" and s["prompt_ids"] == ids
+    assert s["time_to_first_token_s"] > 0 and s["tokens_per_s"] >= 0
+    assert s["text"] and all(w.startswith("w") for w in s["text"].split())  # decoded by the copied tokenizer
+
+
+def test_generate_from_text_equals_generate_from_ids(merged, files):
+    out, _ = merged
+    by_text = adapters("generate", out, "--prompt", "w3 w14 w15", "--max-new-tokens", "6", "--json",
+                       home=files["root"] / "h")
+    by_ids = adapters("generate", out, "--ids", "3,14,15", "--max-new-tokens", "6", "--json", home=files["root"] / "h")
+    assert by_text.code == 0 and by_ids.code == 0, by_text.err + by_ids.err
+    assert by_text.json()["prompt_ids"] == [3, 14, 15]
+    assert by_text.json()["tokens"] == by_ids.json()["tokens"]
+    plain = adapters("generate", out, "--prompt", "w3 w14 w15", "--max-new-tokens", "6", home=files["root"] / "h")
+    assert plain.code == 0 and plain.out.strip() == by_text.json()["text"]  # not a TTY: the text, once
+    assert "genai on cpu" in plain.err and "tokens/s" in plain.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ids", "1,200"], "token id 200 is outside the vocabulary"),
+    (["--ids", "1,x"], "comma-separated integers"),
+    (["--ids", "1", "--prompt", "w1"], "exactly one of --prompt or --ids"),
+    (["--ids", ",".join(["1"] * 64)], "the prompt has 64 tokens; the model's context is 64"),
+])
+def test_generate_bad_input_is_one_line(merged, files, args, message):
+    out, _ = merged
+    r = adapters("generate", out, *args, home=files["root"] / "h")
+    assert r.code == 2 and message in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+
+
+def test_generate_streams_text_on_a_terminal(capsys):
+    from adapters_cli.generate import _Stream
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(["ab", "\ufffd", "c"][i] for i in ids).replace("\ufffdc", "é")
+
+    stream = _Stream(Tok(), enabled=True)
+    for t in (0, 1, 2):
+        stream.token(t)
+    stream.finish()
+    assert capsys.readouterr().out == "abé\n"  # an incomplete piece waits for the next token
+
+
+def test_generate_does_not_import_torch(merged):
+    out, _ = merged
+    code = ("import sys; from adapters_cli.main import main; "
+            "rc = main(['generate', sys.argv[1], '--ids', '1,2', '--max-new-tokens', '3', '--json']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["tokens"]) == 3
