@@ -154,11 +154,13 @@ def _kv_example(model: torch.nn.Module, spec: GraphSpec, dtype: torch.dtype) -> 
     return example, dynamic
 
 
-def _plain_example(model: torch.nn.Module, spec: GraphSpec) -> tuple[tuple[torch.Tensor, ...], dict]:
+def _plain_example(model: torch.nn.Module, spec: GraphSpec | None = None) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """Example inputs and dynamic axes of the plain signature (`spec` None: ids and mask)."""
+    names = spec.input_names if spec is not None else ("input_ids", "attention_mask")
     seq = min(8, max_positions(model.config))
-    example = tuple(torch.ones(2, seq, dtype=torch.long) for _ in spec.input_names)
+    example = tuple(torch.ones(2, seq, dtype=torch.long) for _ in names)
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = {n: {0: batch_dim, 1: seq_dim} for n in spec.input_names}
+    dynamic = {n: {0: batch_dim, 1: seq_dim} for n in names}
     return example, dynamic
 
 
