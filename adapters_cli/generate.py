@@ -21,12 +21,14 @@ from adapters_cli.common import UserError, emit_json, parse_ids, run_guarded, st
 @click.option("--ids", default=None, help="Prompt token ids, comma separated (e.g. 1,2,3).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Generate at most this many tokens (fewer at an end-of-sequence id or the context end).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Sample with this temperature (default: greedy).")
-@click.option("--top-k", type=click.IntRange(1), default=None, help="Sample among the K most likely tokens.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Sample from the smallest set of tokens whose probability reaches P.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling (reproducible runs).")
+@click.option("--temperature", type=float, default=None,
+              help="Sample with this temperature, a finite number >= 0 (default, and 0: greedy).")
+@click.option("--top-k", type=click.IntRange(1, 2**31 - 1), default=None,
+              help="Sample among the K most likely tokens.")
+@click.option("--top-p", type=float, default=None,
+              help="Sample from the smallest set of tokens whose probability reaches P, in (0, 1].")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
+              help="Random seed for sampling (reproducible runs).")
 @click.option("--provider", default="auto", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
               help="ONNX Runtime execution provider.")
 @click.option("--engine", default="auto", type=click.Choice(["auto", "genai", "ort"]),
@@ -54,6 +56,8 @@ def _generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: 
 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt or --ids")
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    sampling.check()  # options first: nothing is read for a bad value
     info = model_info(model)
     tok = TextTokenizer.from_folder(info.folder)
     if prompt is not None:
@@ -65,7 +69,7 @@ def _generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: 
     else:
         prompt_ids = parse_ids(ids or "")
     stream = _Stream(tok, enabled=not as_json and sys.stdout.isatty())
-    result = generate(info.folder, prompt_ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
+    result = generate(info.folder, prompt_ids, max_new_tokens, sampling,
                       provider=provider, engine=engine, on_token=stream.token)
     text = tok.decode(result.tokens) if tok is not None else None
     if as_json:

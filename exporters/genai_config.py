@@ -18,10 +18,10 @@ graph; the architecture is inside it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporters.errors import ExportError
 from exporters.onnx_layout import (
     GENAI_CONFIG_NAME,
     PAST_KEY,
@@ -38,30 +38,53 @@ __all__ = ["GENAI_CONFIG_NAME", "genai_config", "special_ids"]
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "decoder"}
 
 
-def _first_id(value: Any) -> int | None:
+def _token_id(value: Any, where: str) -> int | list[int] | None:
+    """A token id (or a list of them) from a config, else `ExportError` naming where it came from."""
+    def one(v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+            raise ExportError(f"{where}: {str(value)[:60]} is not a token id or a list of them")
+        return v
+
+    if value is None:
+        return None
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        if len(value) > 1024:
+            raise ExportError(f"{where}: a list of {len(value)} token ids")
+        return [one(v) for v in value]
+    return one(value)
 
 
-def _ids(value: Any) -> int | list[int] | None:
+def _first_id(value: int | list[int] | None) -> int | None:
     if isinstance(value, list):
-        return [int(v) for v in value] if len(value) > 1 else _first_id(value)
-    return None if value is None else int(value)
+        return value[0] if value else None
+    return value
+
+
+def _number(gen: dict[str, Any], key: str, default: float, low: float, high: float, where: Path) -> float:
+    value = gen.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ExportError(f"{where}: {key} {str(value)[:40]} is not a number from {low:g} to {high:g}")
+    return float(value)
 
 
 def special_ids(config, base_dir: Path) -> dict[str, Any]:
-    """bos/eos/pad ids and sampling defaults: generation_config.json first, then config.json."""
-    gen: dict[str, Any] = {}
-    path = Path(base_dir) / "generation_config.json"
-    if path.is_file():
-        try:
-            gen = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            gen = {}
+    """bos/eos/pad ids and sampling defaults: generation_config.json first, then config.json.
 
-    def pick(key: str) -> Any:
-        return gen.get(key) if gen.get(key) is not None else getattr(config, key, None)
+    Both files are read under the folder rule and the strict JSON reader; a value of the
+    wrong type (an id that is not an integer, a temperature that is not a number) is an
+    `ExportError` naming the file; the export calls this first, before the slow part.
+    """
+    from exporters.export_folder import read_json_object
+
+    gen_path = Path(base_dir) / "generation_config.json"
+    gen: dict[str, Any] = read_json_object(Path(base_dir), gen_path.name, "generation config") or {}
+
+    def pick(key: str) -> int | list[int] | None:
+        if gen.get(key) is not None:
+            return _token_id(gen[key], f"{gen_path}: {key}")
+        return _token_id(getattr(config, key, None), f"{Path(base_dir) / 'config.json'}: {key}")
 
     vocab = int(config.vocab_size)
 
@@ -71,14 +94,18 @@ def special_ids(config, base_dir: Path) -> dict[str, Any]:
             return kept if len(kept) > 1 else (kept[0] if kept else None)
         return value if value is not None and 0 <= value < vocab else None
 
-    eos = valid(_ids(pick("eos_token_id")))
+    eos = valid(pick("eos_token_id"))
     bos = valid(_first_id(pick("bos_token_id")))
     pad = valid(_first_id(pick("pad_token_id")))
     if pad is None:
         pad = _first_id(eos) if eos is not None else 0
-    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
-            "do_sample": bool(gen.get("do_sample", False)), "temperature": float(gen.get("temperature", 1.0)),
-            "top_k": int(gen.get("top_k", 50) or 50), "top_p": float(gen.get("top_p", 1.0) or 1.0)}
+    do_sample = gen.get("do_sample", False)
+    if not isinstance(do_sample, bool):
+        raise ExportError(f"{gen_path}: do_sample {str(do_sample)[:40]} is not true or false")
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": do_sample,
+            "temperature": _number(gen, "temperature", 1.0, 0.0, 1e6, gen_path),
+            "top_k": int(_number(gen, "top_k", 50, 0, 2**31 - 1, gen_path)) or 50,
+            "top_p": _number(gen, "top_p", 1.0, 0.0, 1.0, gen_path) or 1.0}
 
 
 def genai_config(config, spec: GraphSpec, graph_name: str, base_dir: Path, context_length: int) -> dict[str, Any]:

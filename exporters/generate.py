@@ -20,7 +20,7 @@ time from the first to the last token; 0 when only one token was generated).
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from exporters.errors import ExportError
-from exporters.onnx_layout import GENAI_CONFIG_NAME, GRAPH_NAME
+from exporters.onnx_layout import GENAI_CONFIG_NAME
 
 ENGINES = ("auto", "genai", "ort")
 OnToken = Callable[[int], None]
@@ -42,7 +42,7 @@ class GenerationError(ExportError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy when nothing is set; otherwise sampling with these settings."""
+    """Greedy when nothing is set (or temperature 0); otherwise sampling with these settings."""
 
     temperature: float | None = None
     top_k: int | None = None
@@ -51,7 +51,19 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature is None and self.top_k is None and self.top_p is None
+        return self.temperature == 0 or (self.temperature is None and self.top_k is None and self.top_p is None)
+
+    def check(self) -> None:
+        """`GenerationError` naming the option for a value generation cannot use (NaN included)."""
+        t, p = self.temperature, self.top_p
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise GenerationError(f"--temperature {t}: give a finite number >= 0 (0: greedy)")
+        if p is not None and not (isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1):
+            raise GenerationError(f"--top-p {p}: give a number in (0, 1]")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k < 2**31):
+            raise GenerationError(f"--top-k {self.top_k}: give an integer from 1 to 2**31-1")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**31):
+            raise GenerationError(f"--seed {self.seed}: give an integer from 0 to 2**31-1")
 
 
 @dataclass
@@ -73,37 +85,52 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a folder tells about generation: graph, genai config, eos ids, context length."""
+    """What a folder tells about generation: graph, genai config, eos ids, context length, vocabulary."""
 
     folder: Path
     graph: Path
     genai_config: dict[str, Any] | None
     eos_ids: tuple[int, ...]
     context_length: int
+    vocab_size: int | None = None
 
 
 def model_info(folder: Path) -> ModelInfo:
-    """Read an export folder (`adapters merge --to onnx` output); `GenerationError` if it is none."""
+    """Read an export folder (`adapters merge --to onnx` output); `GenerationError` if it is none.
+
+    The graph, `genai_config.json` and `config.json` are read under the folder rule and by
+    the strict JSON reader (`exporters.export_folder`); the fields generation uses (vocab
+    size, context length, eos ids) are type-checked, so a hostile file is one line.
+    """
+    from exporters.export_folder import graph_and_recipe, positive_int, read_json_object
+
     folder = Path(folder)
-    graph = folder / GRAPH_NAME
-    if not graph.is_file():
-        raise GenerationError(f"{folder}: no {GRAPH_NAME} here (give an `adapters merge --to onnx` output folder)")
-    genai: dict[str, Any] | None = None
-    if (folder / GENAI_CONFIG_NAME).is_file():
-        genai = _read_json(folder / GENAI_CONFIG_NAME)
-    cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-    eos: Any = (genai or {}).get("model", {}).get("eos_token_id", cfg.get("eos_token_id"))
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
-    ctx = (genai or {}).get("model", {}).get("context_length") or cfg.get("max_position_embeddings") \
-        or cfg.get("n_positions") or 2048
-    return ModelInfo(folder, graph, genai, eos_ids, int(ctx))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise GenerationError(f"{path}: not valid JSON") from None
+    if not folder.is_dir():
+        raise GenerationError(f"{folder}: no such folder (give an `adapters merge --to onnx` output folder)")
+    graph, _ = graph_and_recipe(folder, GenerationError)
+    genai = read_json_object(folder, GENAI_CONFIG_NAME, "genai config", GenerationError)
+    cfg = read_json_object(folder, "config.json", "model config", GenerationError) or {}
+    gmodel: dict[str, Any] = {}
+    if genai is not None:
+        gmodel = genai.get("model")  # type: ignore[assignment]
+        if not isinstance(gmodel, dict):
+            raise GenerationError(f"{folder / GENAI_CONFIG_NAME}: no \"model\" object")
+    where = folder / (GENAI_CONFIG_NAME if genai is not None else "config.json")
+    vocab_value = gmodel.get("vocab_size") if genai is not None else cfg.get("vocab_size")
+    if genai is not None and vocab_value is None:
+        raise GenerationError(f"{where}: no model.vocab_size")
+    vocab = positive_int(vocab_value, f"{where}: vocab_size", GenerationError) if vocab_value is not None else None
+    eos: Any = gmodel.get("eos_token_id") if genai is not None else cfg.get("eos_token_id")
+    eos_list = eos if isinstance(eos, list) else [eos]
+    if any(e is not None and (not isinstance(e, int) or isinstance(e, bool) or e < 0) for e in eos_list) \
+            or len(eos_list) > 1024:
+        raise GenerationError(f"{where}: eos_token_id {str(eos)[:60]} is not a token id or a list of them")
+    eos_ids = tuple(int(e) for e in eos_list if e is not None)
+    ctx_value = gmodel.get("context_length") if genai is not None else None
+    if ctx_value is None:
+        ctx_value = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
+    ctx = positive_int(ctx_value, f"{where}: context length", GenerationError)
+    return ModelInfo(folder, graph, genai, eos_ids, ctx, vocab)
 
 
 def genai_available() -> bool:
@@ -134,6 +161,7 @@ def generate(folder: Path, prompt_ids: Sequence[int], max_new_tokens: int = 32, 
     from exporters.providers import choose_provider
 
     sampling = sampling or Sampling()
+    sampling.check()
     info = model_info(folder)
     prompt = [int(i) for i in prompt_ids]
     if not prompt:
@@ -142,21 +170,20 @@ def generate(folder: Path, prompt_ids: Sequence[int], max_new_tokens: int = 32, 
         raise GenerationError(f"--max-new-tokens {max_new_tokens}: give at least 1")
     if len(prompt) >= info.context_length:
         raise GenerationError(f"the prompt has {len(prompt)} tokens; the model's context is {info.context_length}")
-    vocab = _vocab_size(info)
-    if vocab is not None and (max(prompt) >= vocab or min(prompt) < 0):
-        bad = max(prompt) if max(prompt) >= vocab else min(prompt)
-        raise GenerationError(f"token id {bad} is outside the vocabulary (ids 0 to {vocab - 1})")
+    check_vocabulary(prompt, info.vocab_size)
     chosen = choose_provider(provider)
     which = pick_engine(info, engine)
     run = _genai_generate if which == "genai" else _ort_generate
     return run(info, prompt, max_new_tokens, sampling, chosen, on_token or (lambda _t: None))
 
 
-def _vocab_size(info: ModelInfo) -> int | None:
-    if info.genai_config is not None:
-        return int(info.genai_config["model"]["vocab_size"])
-    cfg = info.folder / "config.json"
-    return int(_read_json(cfg).get("vocab_size") or 0) or None if cfg.is_file() else None
+def check_vocabulary(prompt: Sequence[int], vocab: int | None) -> None:
+    """`GenerationError` for the first id outside [0, vocab) (ONNX Runtime's own message is cut mid-word)."""
+    if vocab is None:
+        return
+    bad = next((i for i in prompt if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise GenerationError(f"token id {bad} is outside the vocabulary (ids 0 to {vocab - 1})")
 
 
 def _budget(info: ModelInfo, prompt: list[int], max_new_tokens: int) -> tuple[int, str]:
@@ -201,6 +228,8 @@ def _ort_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sampl
         raise GenerationError(f"{info.graph}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") \
             from None
     used, _ = really_used(session)
+    if info.vocab_size is None:
+        check_vocabulary(prompt, decoder.vocab_size)
     budget, stop_reason = _budget(info, prompt, max_new_tokens)
     rng = np.random.default_rng(sampling.seed)
     ids = np.asarray([prompt], dtype=np.int64)
@@ -210,7 +239,11 @@ def _ort_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sampl
     t0 = time.perf_counter()
     t_first = t_last = t0
     while len(tokens) < budget:
-        logits, state = decoder.step(ids, mask, state)
+        try:
+            logits, state = decoder.step(ids, mask, state)
+        except Exception as exc:
+            raise GenerationError(f"{info.graph}: inference failed after {len(tokens)} tokens "
+                                  f"({str(exc).splitlines()[0][:160]})") from None
         nxt = sample_next(logits[0, -1], sampling, rng)
         t_last = time.perf_counter()
         if not tokens:
@@ -238,6 +271,9 @@ def _genai_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sam
                     on_token: OnToken) -> GenerationResult:
     import onnxruntime_genai as og
 
+    from exporters.export_folder import check_folder
+
+    check_folder(info.folder, GenerationError)  # genai opens the graph and tokenizer files itself
     try:
         config = og.Config(str(info.folder))
         config.clear_providers()
@@ -253,28 +289,32 @@ def _genai_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sam
     options: dict[str, Any] = {"max_length": len(prompt) + budget, "do_sample": not sampling.greedy}
     if not sampling.greedy:
         options.update(temperature=1.0 if sampling.temperature is None else sampling.temperature,
-                       top_k=sampling.top_k or int(info.genai_config["model"]["vocab_size"]),  # type: ignore[index]
+                       top_k=min(sampling.top_k or info.vocab_size or 1, info.vocab_size or 1),
                        top_p=1.0 if sampling.top_p is None else sampling.top_p)
         if sampling.seed is not None:
             options["random_seed"] = int(sampling.seed)
     else:
         options.update(top_k=1)
-    params.set_search_options(**options)
-    generator = og.Generator(model, params)
     tokens: list[int] = []
     t0 = time.perf_counter()
-    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
     t_first = t_last = t0
-    while not generator.is_done() and len(tokens) < budget:
-        generator.generate_next_token()
-        nxt = int(generator.get_next_tokens()[0])
-        t_last = time.perf_counter()
-        if not tokens:
-            t_first = t_last
-        tokens.append(nxt)
-        on_token(nxt)
-        if nxt in info.eos_ids:
-            stop_reason = "eos"
-            break
+    try:
+        params.set_search_options(**options)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+        while not generator.is_done() and len(tokens) < budget:
+            generator.generate_next_token()
+            nxt = int(generator.get_next_tokens()[0])
+            t_last = time.perf_counter()
+            if not tokens:
+                t_first = t_last
+            tokens.append(nxt)
+            on_token(nxt)
+            if nxt in info.eos_ids:
+                stop_reason = "eos"
+                break
+    except RuntimeError as exc:  # genai reports its failures as RuntimeError
+        raise GenerationError(f"{info.folder}: onnxruntime-genai failed after {len(tokens)} tokens "
+                              f"({str(exc).splitlines()[0][:160]}); use --engine ort") from None
     return GenerationResult(tokens, "genai", provider, len(prompt), round(t_first - t0, 6),
                             _rate(len(tokens), t_first, t_last), stop_reason, {"kv_cache": True})

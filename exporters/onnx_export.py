@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
-from exporters.genai_config import GENAI_CONFIG_NAME, genai_config
+from exporters.genai_config import GENAI_CONFIG_NAME, genai_config, special_ids
 from exporters.hf_model import check_architecture, load_config, max_positions, task_of
 from exporters.memory import shortfall
 from exporters.model_build import BaseValues, DeferredModel, merged_model
@@ -116,6 +116,8 @@ def export_merged_onnx(
     if kv_cache and task != "causal-lm":
         raise ExportError(f"{base_dir}: {config.model_type} is an encoder; a KV cache is for decoders")
     spec = kv_spec(config) if task == "causal-lm" and kv_cache is not False else plain_spec(task, config)
+    if spec.kv_cache:
+        special_ids(config, checkpoint.root)  # a malformed generation_config.json fails before the export
     chosen = choose_provider(provider) if validate else None  # before the slow part
 
     seconds: dict[str, float] = {}
@@ -168,7 +170,7 @@ def export_merged_onnx(
         digests = copy_side_files(checkpoint.root, tmp, {"tie_word_embeddings": False} if untied else None)
         if spec.kv_cache:
             digests[GENAI_CONFIG_NAME] = write_json(
-                tmp / GENAI_CONFIG_NAME, genai_config(config, spec, GRAPH_NAME, base_dir, max_positions(config)))
+                tmp / GENAI_CONFIG_NAME, genai_config(config, spec, GRAPH_NAME, checkpoint.root, max_positions(config)))
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
                          built.layout.ignored, validation, quantization)
         digests.update({name: f["sha256"] for name, f in recipe["files"].items()})

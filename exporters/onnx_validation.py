@@ -102,7 +102,8 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
             try:
                 decoder = OrtDecoder(open_session(graph, provider))
                 comparisons["generation"] = compare_generation(
-                    decoder, model, generation_prompts(int(config.vocab_size), max_len), atol, rtol)
+                    decoder, model, generation_prompts(int(config.vocab_size), max_len), atol, rtol,
+                    norm=dtype == "int4")
             except Exception as exc:
                 return {"passed": False, "provider": used, "requested_provider": requested,
                         "failure": _cannot_run(used, exc)}

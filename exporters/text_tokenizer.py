@@ -31,14 +31,25 @@ class TextTokenizer:
 
     @classmethod
     def from_folder(cls, folder: Path) -> TextTokenizer | None:
-        """The folder's tokenizer.json, or None when there is none (or it does not load)."""
-        path = Path(folder) / TOKENIZER_FILE
-        if not path.is_file():
+        """The folder's tokenizer.json, or None when there is none (or it does not load).
+
+        The file is read under the folder rule (a regular file inside the folder: no link
+        leaving it, no FIFO) and at most `SIDE_FILE_MAX_BYTES`; breaking either is an
+        `ExportError` naming it, not a silent fallback.
+        """
+        from exporters.errors import ExportError
+        from exporters.export_folder import present
+        from exporters.outputs import SIDE_FILE_MAX_BYTES
+        from mora_core.checkpoint import member
+        from mora_core.safe_io import read_capped
+
+        if not present(Path(folder), TOKENIZER_FILE):
             return None
+        raw = read_capped(member(folder, TOKENIZER_FILE, ExportError), SIDE_FILE_MAX_BYTES, ExportError, "tokenizer")
         try:
             from tokenizers import Tokenizer
 
-            return cls(Tokenizer.from_file(str(path)))
+            return cls(Tokenizer.from_str(raw.decode("utf-8")))
         except Exception:
             return None
 

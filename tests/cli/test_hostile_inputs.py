@@ -272,6 +272,18 @@ def set_keys(**kv):
     return lambda cfg: cfg.update(kv)
 
 
+def onnx_base_file(name: str, text: str | None = None):
+    """The tiny transformers llama base with `name` holding `text` (None: a link to a file outside)."""
+    def setup(ctx: Ctx) -> None:
+        onnx_base(lambda cfg: None)(ctx)
+        path = Path(ctx.paths["obase"]) / name
+        if text is None:
+            symlink_out(path, secret(ctx))
+        else:
+            path.write_text(text)
+    return setup
+
+
 def onnx_deep_config(ctx: Ctx) -> None:
     onnx_base(lambda cfg: None)(ctx)
     (Path(ctx.paths["obase"]) / "config.json").write_text(deep_json(DEEP))
@@ -313,6 +325,32 @@ def graph_external_escape(ctx: Ctx) -> None:
     graph(ctx, external_location="../secret")
 
 
+def graph_file(name: str, text: str):
+    """The tiny graph with `name` (genai_config.json, config.json, ...) beside it holding `text`."""
+    def setup(ctx: Ctx) -> None:
+        (graph(ctx) / name).write_text(text)
+    return setup
+
+
+def graph_side_fifo(name: str):
+    def setup(ctx: Ctx) -> None:
+        fifo(graph(ctx) / name)
+    return setup
+
+
+def graph_side_symlink(name: str, genai: bool = False):
+    """The tiny graph with `name` a link to a private file outside (and a good genai config)."""
+    def setup(ctx: Ctx) -> None:
+        g = graph(ctx)
+        if genai:
+            (g / "genai_config.json").write_text(GOOD_GENAI)
+        symlink_out(g / name, secret(ctx))
+    return setup
+
+
+GOOD_GENAI = json.dumps({"model": {"vocab_size": 96, "context_length": 64, "eos_token_id": 0}})
+
+
 # ----------------------------------------------------------------------------- the table
 
 MERGE = ("merge", "{bad}", "--base", "{base}", "--to", "safetensors", "-o", "{out}")
@@ -321,6 +359,7 @@ ONNX = ("merge", "{onnx_adapter}", "--base", "{obase}", "--to", "onnx", "-o", "{
 ONNX_GOOD = ("merge", "{onnx_adapter}", "--base", "{onnx_base}", "--to", "onnx", "-o", "{out}")
 PUSH = ("push", "{bad}", "--name", "team/bad")
 RUN = ("run", "{graph}", "--ids", "1,2,3")
+GEN = ("generate", "{graph}", "--ids", "1,2,3")
 
 ROWS: list[Row] = [
     # -- push: adapter files (JSON, safetensors header, values, config semantics, folder rule)
@@ -414,6 +453,14 @@ ROWS: list[Row] = [
     Row("onnx-config-huge-vocab", ONNX, onnx_base(set_keys(vocab_size=1 << 34)), "config.json"),
     Row("onnx-config-deep", ONNX, onnx_deep_config, "config.json"),
     Row("onnx-config-model-type", ONNX, onnx_base(set_keys(model_type="mamba")), "mamba"),
+    Row("onnx-generation-config-eos-text", ONNX, onnx_base_file("generation_config.json", '{"eos_token_id": "x"}'),
+        "eos_token_id"),
+    Row("onnx-generation-config-temperature-text", ONNX,
+        onnx_base_file("generation_config.json", '{"temperature": "hot"}'), "temperature"),
+    Row("onnx-generation-config-deep", ONNX, onnx_base_file("generation_config.json", deep_json(DEEP)),
+        "generation_config.json"),
+    Row("onnx-generation-config-symlink", ONNX, onnx_base_file("generation_config.json"), "symbolic link"),
+    Row("onnx-config-eos-text", ONNX, onnx_base(set_keys(eos_token_id="x")), "eos_token_id"),
     Row("onnx-atol-negative", (*ONNX_GOOD, "--atol", "-1"), None, "--atol"),
     Row("onnx-atol-nan", (*ONNX_GOOD, "--atol", "nan"), None, "--atol"),
     Row("onnx-rtol-inf", (*ONNX_GOOD, "--rtol", "inf"), None, "--rtol"),
@@ -441,6 +488,51 @@ ROWS: list[Row] = [
     Row("run-ids-vocab", ("run", "{graph}", "--ids", "1000"), graph, "vocabulary"),
     Row("run-text-and-ids", ("run", "{graph}", "--ids", "1", "--text", "w1"), graph, "--text"),
     Row("run-top-k-zero", ("run", "{graph}", "--ids", "1", "--top-k", "0"), graph, "--top-k"),
+    Row("run-tokenizer-symlink", ("run", "{graph}", "--text", "w1"), graph_side_symlink("tokenizer.json"),
+        "symbolic link"),
+    Row("run-tokenizer-fifo", ("run", "{graph}", "--text", "w1"), graph_side_fifo("tokenizer.json"),
+        "tokenizer.json"),
+
+    # -- generate: folders, side files, options (nothing is written either way)
+    Row("generate-no-folder", ("generate", "{case}/nope", "--ids", "1"), None, "no such folder"),
+    Row("generate-no-graph", ("generate", "{case}", "--ids", "1"), None, "model.onnx"),
+    Row("generate-graph-symlink", GEN, graph_symlink, "symbolic link"),
+    Row("generate-graph-fifo", GEN, graph_fifo, "model.onnx"),
+    Row("generate-graph-garbage", GEN, graph_bytes(b"\x08\x07garbage" * 10), "model.onnx"),
+    Row("generate-graph-wrong-inputs", GEN, lambda ctx: graph(ctx, inputs=("x", "y")), "decoder"),
+    Row("generate-ids-text", ("generate", "{graph}", "--ids", "a,b"), graph, "--ids"),
+    Row("generate-ids-negative", ("generate", "{graph}", "--ids", "-1"), graph, "--ids"),
+    Row("generate-ids-int64-overflow", ("generate", "{graph}", "--ids", str(2**70)), graph, "--ids"),
+    Row("generate-ids-vocab", ("generate", "{graph}", "--ids", "1,1000"), graph, "vocabulary"),
+    Row("generate-ids-vocab-from-config", ("generate", "{graph}", "--ids", "50"),
+        graph_file("config.json", '{"vocab_size": 40}'), "vocabulary"),
+    Row("generate-prompt-and-ids", ("generate", "{graph}", "--ids", "1", "--prompt", "w1"), graph, "--prompt"),
+    Row("generate-prompt-no-tokenizer", ("generate", "{graph}", "--prompt", "w1"), graph, "tokenizer"),
+    Row("generate-tokenizer-symlink", ("generate", "{graph}", "--prompt", "w1"),
+        graph_side_symlink("tokenizer.json"), "symbolic link"),
+    Row("generate-tokenizer-fifo", ("generate", "{graph}", "--prompt", "w1"), graph_side_fifo("tokenizer.json"),
+        "tokenizer.json"),
+    Row("generate-temperature-negative", (*GEN, "--temperature", "-1"), graph, "--temperature"),
+    Row("generate-temperature-nan", (*GEN, "--temperature", "nan"), graph, "--temperature"),
+    Row("generate-temperature-inf", (*GEN, "--temperature", "inf"), graph, "--temperature"),
+    Row("generate-top-p-zero", (*GEN, "--top-p", "0"), graph, "--top-p"),
+    Row("generate-top-p-over-one", (*GEN, "--top-p", "1.5"), graph, "--top-p"),
+    Row("generate-top-p-nan", (*GEN, "--top-p", "nan"), graph, "--top-p"),
+    Row("generate-top-k-zero", (*GEN, "--top-k", "0"), graph, "--top-k"),
+    Row("generate-seed-negative", (*GEN, "--seed", "-5"), graph, "--seed"),
+    Row("generate-max-new-tokens-zero", (*GEN, "--max-new-tokens", "0"), graph, "--max-new-tokens"),
+    Row("generate-genai-config-deep", GEN, graph_file("genai_config.json", deep_json(DEEP)), "genai_config.json"),
+    Row("generate-genai-config-list", GEN, graph_file("genai_config.json", "[]"), "genai_config.json"),
+    Row("generate-genai-config-vocab-text", GEN, graph_file("genai_config.json", '{"model": {"vocab_size": "x"}}'),
+        "vocab_size"),
+    Row("generate-genai-config-fifo", GEN, graph_side_fifo("genai_config.json"), "genai_config.json"),
+    Row("generate-genai-config-symlink", GEN, graph_side_symlink("genai_config.json"), "symbolic link"),
+    Row("generate-config-eos-text", GEN, graph_file("config.json", '{"vocab_size": 96, "eos_token_id": "x"}'),
+        "eos_token_id"),
+    Row("generate-config-dup-key", GEN, graph_file("config.json", '{"vocab_size": 96, "vocab_size": 8}'), "twice"),
+    Row("generate-genai-without-config", (*GEN, "--engine", "genai"), graph, "genai_config.json"),
+    Row("generate-genai-side-file-symlink", (*GEN, "--engine", "genai"),
+        graph_side_symlink("tokenizer_config.json", genai=True), "symbolic link"),
 
     # -- registry commands (refs and options; the store must stay as it is)
     Row("pull-missing-ref", ("pull", "team/nope:1", "-o", "{out}"), None, "team/nope"),
@@ -538,4 +630,5 @@ def test_table_covers_every_command():
             cmd = "merge-onnx" if "onnx" in row.args else "merge-safetensors"
         per[cmd] = per.get(cmd, 0) + 1
     assert len(ROWS) >= 60 and len({r.id for r in ROWS}) == len(ROWS)
-    assert set(per) >= {"push", "pull", "merge-safetensors", "merge-onnx", "run", "tag", "show", "list", "audit"}, per
+    assert set(per) >= {"push", "pull", "merge-safetensors", "merge-onnx", "run", "generate", "tag", "show", "list",
+                        "audit"}, per

@@ -49,7 +49,7 @@ def test_int4_export_validates_within_its_tolerance(root, kind, targets, expecte
     v = s["validation"]
     atol, rtol = DEFAULT_TOLERANCES["int4"]
     assert v["passed"] and (v["atol"], v["rtol"]) == (atol, rtol)
-    assert set(v["comparisons"]) == {"merged_pytorch", "unmerged_pytorch"}
+    assert set(v["comparisons"]) == {"merged_pytorch", "unmerged_pytorch", "generation"}
     for c in v["comparisons"].values():  # int4 is not exact, and within its tolerance
         assert c["criterion"] == "rel_rms" and 0 < c["max_rel_rms"] < rtol
         assert c["min_top1_agreement"] is not None
