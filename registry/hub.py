@@ -39,7 +39,11 @@ from registry.errors import IntegrityError, RegistryError
 PREFIX = "hf:"
 BASE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json"]
+                 "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+                 # sentence-transformers: its modules and their folders (`1_Pooling/config.json`;
+                 # a Dense module's weights match *.safetensors), so a merge is a complete model
+                 "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "[0-9]*_*/*.json"]
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
@@ -155,16 +159,18 @@ def resolve_base(arg: str | os.PathLike | None, home: str | os.PathLike | None) 
 
 
 def snapshot_view(snap: HubSnapshot, home: Path) -> Path:
-    """`<home>/hub/<ORG--NAME>/<commit>`: the snapshot's top-level files as real files."""
+    """`<home>/hub/<ORG--NAME>/<commit>`: the snapshot's files as real files (sub-folders too:
+    sentence-transformers' module folders)."""
     dest = Path(home) / "hub" / snap.ref.repo_id.replace("/", "--") / snap.commit
-    names = sorted(p.name for p in snap.path.iterdir() if p.is_file())
-    if dest.is_dir() and sorted(p.name for p in dest.iterdir()) == names:
+    names = _view_files(snap.path)
+    if dest.is_dir() and _view_files(dest) == names:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{snap.commit}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(snap.path / name, tmp / name)
         if dest.is_dir():  # an older, partial view (files added to the allow list since)
             shutil.rmtree(dest, ignore_errors=True)
@@ -174,6 +180,12 @@ def snapshot_view(snap: HubSnapshot, home: Path) -> Path:
         if not dest.is_dir():  # another process won the rename race: fine if it is there
             raise
     return dest
+
+
+def _view_files(folder: Path) -> list[str]:
+    """The files of a snapshot (or of its view) as sorted relative posix paths; hidden ones left out."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def base_identity(base: ResolvedBase, base_model: str | None,

@@ -318,3 +318,28 @@ def test_slots_export_and_pack_on_a_hub_base(hf_cache, tmp_path):
         assert res.code == 2 and len(res.err.strip().splitlines()) == 1, res.err
         assert "no copy is in the Hugging Face cache" in res.err
         assert not (tmp_path / "x").exists() and not (tmp_path / "x.onnx_adapter").exists()
+
+
+def test_a_hub_base_brings_its_module_folders_into_the_merge(hf_cache, tmp_path):
+    """sentence-transformers layout on the Hub: modules.json and 1_Pooling/ reach the view and the output."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    files = {**_base_files(), "modules.json": json.dumps(modules).encode(),
+             "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}', "README.md": b"# base card"}
+    commit = write_hf_cache(hf_cache, "org/st", files)
+    home = tmp_path / "home"
+    res = _run(home, "merge", write_adapter(tmp_path / "a", modules=1), "--base", "hf:org/st", "--to", "safetensors",
+               "-o", tmp_path / "merged", "--json")
+    assert res.code == 0, res.err
+    out = tmp_path / "merged"
+    assert (out / "1_Pooling" / "config.json").read_bytes() == files["1_Pooling/config.json"]
+    assert (out / "modules.json").read_bytes() == files["modules.json"]
+    assert (out / "README.md").read_bytes() != files["README.md"]  # its own card, naming the Hub base
+    assert _card_meta((out / "README.md").read_text())["base_model"] == "org/st"
+    assert (home / "hub" / "org--st" / commit / "1_Pooling" / "config.json").is_file()
+    # a second merge reuses the complete view (nothing rebuilt)
+    view = home / "hub" / "org--st" / commit / "1_Pooling" / "config.json"
+    before = view.stat().st_ino
+    assert _run(home, "merge", tmp_path / "a", "--base", "hf:org/st", "--to", "safetensors",
+                "-o", tmp_path / "merged2").code == 0
+    assert view.stat().st_ino == before
