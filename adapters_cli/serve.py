@@ -54,15 +54,18 @@ def export(base_dir: str, target: str, slots: tuple[str, ...], out_dir: Path, mi
     """
     from exporters.serve_pipeline import SlotsOptions, run_slots_export
 
-    progress = ProgressLine(enabled=None if not as_json else False, verb="step", unit="steps")
+    progress = ProgressLine(enabled=None if not as_json else False)  # stage names, elapsed seconds
     opts = SlotsOptions(adapters=[*slots, *more], base_dir=base_dir, out_dir=out_dir, mixed=mixed, dtype=dtype,
                         opset=opset, provider=provider, atol=atol, rtol=rtol,
                         allow_base_mismatch=allow_base_mismatch, home=Path(home) if home else None,
-                        db_url=db_url, register=register, progress=progress.update)
-    try:
-        summary = run_guarded(lambda: run_slots_export(opts))
-    finally:
-        progress.close()
+                        db_url=db_url, register=register, on_stage=progress.stage)
+    def body() -> dict[str, Any]:
+        try:
+            return run_slots_export(opts)
+        finally:
+            progress.close()  # before an error line is printed: it must not share the progress line
+
+    summary = run_guarded(body)
     if as_json:
         emit_json(summary)
         return

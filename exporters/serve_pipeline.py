@@ -30,7 +30,7 @@ from typing import Any
 
 from exporters.errors import ExportError
 
-ProgressFn = Callable[[int, int, str], None]
+StageFn = Callable[[str], None]
 KIND_SLOTS = "onnx_slots"
 KIND_ADAPTER = "onnx_adapter"
 
@@ -53,7 +53,7 @@ class SlotsOptions:
     home: Path | None = None
     db_url: str | None = None
     register: bool = True
-    progress: ProgressFn | None = field(default=None, repr=False)
+    on_stage: StageFn | None = field(default=None, repr=False)  # `(name)` as each long stage starts
 
     def check(self) -> None:
         if not self.adapters:
@@ -109,16 +109,20 @@ def run_slots_export(opts: SlotsOptions) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         registry = _RegistryHandle(opts.home, opts.db_url)
         stack.callback(registry.close)
+        if opts.on_stage is not None:
+            opts.on_stage("resolving the adapters")
         resolved = resolve_adapters(opts.adapters, base.folder, registry.get, opts.allow_base_mismatch)
         summary = {"to": "onnx", "format": KIND_SLOTS, **export_slots_onnx(
             base.folder, [r.adapter for r in resolved], opts.out_dir, mixed=opts.mixed, dtype=opts.dtype,
-            opset=opts.opset, provider=opts.provider, atol=opts.atol, rtol=opts.rtol, progress=opts.progress,
+            opset=opts.opset, provider=opts.provider, atol=opts.atol, rtol=opts.rtol, on_stage=opts.on_stage,
             hub=hub)}
         weights = [1.0] * len(resolved)
         summary["adapters"] = [{**r.describe(1.0), "position": i} for i, r in enumerate(resolved)]
         if hub:
             summary["base"] = {**hub, "folder": str(base.folder)}
         if opts.register:
+            if opts.on_stage is not None:
+                opts.on_stage("registering the artifact (hashing the base)")
             store, checkpoint = registry.get(), open_checkpoint(base.folder)
             summary["artifact"] = register_output(store, KIND_SLOTS, opts.out_dir, summary.get("digests"), checkpoint,
                                                   store.file_digests(checkpoint.paths), resolved, weights,

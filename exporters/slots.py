@@ -67,7 +67,7 @@ from mora_core.checkpoint import open_checkpoint
 from registry.blobs import hash_file
 
 FORMAT_SLOTS = "onnx_slots"
-ProgressFn = Callable[[int, int, str], None]
+StageFn = Callable[[str], None]
 
 
 class BaseModel:
@@ -100,19 +100,22 @@ def _check(adapters: Sequence[Adapter], out: Path, dtype: str, opset: int | None
 def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *, mixed: bool = False,
                       dtype: str = "float32", opset: int | None = None, provider: str = "auto",
                       atol: float | None = None, rtol: float | None = None,
-                      progress: ProgressFn | None = None, external_data: bool | None = None,
+                      on_stage: StageFn | None = None, external_data: bool | None = None,
                       hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Export the base at `base_dir` with slots for `adapters` (or, `mixed`, with them stacked inside).
     `hub` ({"repo", "commit"}): the base came from the Hugging Face Hub; export.json records it.
 
     Returns a JSON-able summary (`output`, `files`, `slots`, `parameters`, `validation`,
-    `export` = export.json, `seconds`). Raises `ExportError`/`MoraCoreError` for bad input,
+    `export` = export.json, `seconds`). `on_stage(name)` is called as each long stage starts
+    (the CLI shows it with its elapsed time). Raises `ExportError`/`MoraCoreError` for bad input,
     `ValidationFailed` when a comparison fails; in both cases nothing exists at `out_dir`.
     """
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _check(adapters, out_dir, dtype, opset)
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
+    stage = on_stage or (lambda name: None)
+    stage("building the base model")
     base = BaseModel(base_dir)
     chosen = choose_provider(provider)
     branches = [bind(a, base.shapes) for a in adapters]
@@ -121,7 +124,7 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
             raise ExportError(f"{a.label}: targets no module of the base model")
     layout = slots_of(branches)
     seconds: dict[str, float] = {}
-    _progress(progress, 1, "base built; exporting graph")
+    stage("exporting the slots graph" if not mixed else "exporting the mixed-adapters graph")
 
     with staged_output(out_dir) as tmp:
         t = time.perf_counter()
@@ -130,7 +133,7 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
         external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
         real_opset = _export(base, layout, branches if mixed else None, dtype, opset, tmp / GRAPH_NAME, external)
         seconds["export"] = round(time.perf_counter() - t, 3)
-        _progress(progress, 2, "exported; validating")
+        stage(f"validating on {chosen} ({len(adapters) + (0 if mixed else 1)} adapter cases)")
 
         t = time.perf_counter()
         if mixed:
@@ -150,22 +153,17 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
         if not validation["passed"]:
             raise ValidationFailed(validation["failure"])
 
+        stage("writing side files and export.json")
         for name in (GRAPH_NAME, DATA_NAME):
             if (tmp / name).is_file():
                 fsync_file(tmp / name)
         copy_side_files(base.checkpoint.root, tmp)
         recipe = _recipe(tmp, base, layout, adapters, mixed, dtype, real_opset, validation, hub)
         write_json(tmp / RECIPE_NAME, recipe)
-    _progress(progress, 3, "done")
     seconds["total"] = round(time.perf_counter() - started, 3)
     return {"output": str(out_dir), "files": recipe["files"], "model_type": base.config.model_type,
             "task": base.task, "dtype": dtype, "opset": real_opset, "mixed": mixed, "slots": recipe["slots"],
             "parameters": recipe["parameters"], "export": recipe, "validation": validation, "seconds": seconds}
-
-
-def _progress(fn: ProgressFn | None, stage: int, what: str) -> None:
-    if fn is not None:
-        fn(stage, 3, what)
 
 
 def _export(base: BaseModel, layout: SlotLayout, stacked: list[list[BoundBranch]] | None, dtype: str,
