@@ -28,7 +28,7 @@ from registry.model_card import CARD_NAME
 
 
 class OutputCard:
-    """`card(folder, summary, files) -> {README.md: digest}`: writes the card into `folder`.
+    """`card(folder, summary) -> {README.md: digest}`: writes the card into `folder`.
 
     Args:
         kind: "safetensors" or "onnx".
@@ -44,7 +44,7 @@ class OutputCard:
         self.kind, self.checkpoint, self.resolved, self.weights = kind, checkpoint, list(resolved), list(weights)
         self.dtype, self.accumulate, self.hub, self.name = dtype, accumulate, hub, name
 
-    def __call__(self, folder: Path, summary: dict[str, Any], files: dict[str, str]) -> dict[str, str]:
+    def __call__(self, folder: Path, summary: dict[str, Any]) -> dict[str, str]:
         from exporters.recipe import build_recipe
         from registry.model_card import merge_card
 

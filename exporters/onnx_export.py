@@ -87,7 +87,7 @@ def export_merged_onnx(
     progress: ProgressFn | None = None,
     external_data: bool | None = None,
     checkpoint: Checkpoint | None = None,
-    finish: Callable[[Path, dict[str, Any], dict[str, str]], dict[str, str]] | None = None,
+    finish: Callable[[Path, dict[str, Any]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Merge `adapters` (with `weights`) into the model at `base_dir`, export and validate it.
 
@@ -98,7 +98,7 @@ def export_merged_onnx(
     Returns a JSON-able summary: `output`, `files`, `opset`, `dtype`, `model_type`,
     `task`, `untied`, `export` (the export.json content), `validation` (None when
     `validate=False`), `seconds` (per stage). `external_data`: None decides by size
-    (above 1 GiB of weights), True/False forces it. `finish(folder, summary, digests)` adds
+    (above 1 GiB of weights), True/False forces it. `finish(folder, summary)` adds
     files last, in the staged folder (the model card: `exporters.card.OutputCard`).
 
     Raises `ExportError`/`MergeError` (one line naming the input) for bad input and
@@ -175,9 +175,9 @@ def export_merged_onnx(
                          built.layout.ignored, validation, quantization)
         digests.update({name: f["sha256"] for name, f in recipe["files"].items()})
         digests[RECIPE_NAME] = write_json(tmp / RECIPE_NAME, recipe)
-        if finish is not None:  # the model card (exporters.card), listing the files above
+        if finish is not None:  # the model card (exporters.card), with the validation summary
             digests.update(finish(tmp, {"output": str(out_dir), "dtype": dtype, "opset": real_opset,
-                                        "untied": untied, "validation": validation}, dict(digests)))
+                                        "untied": untied, "validation": validation}))
     _progress(progress, total, 3, "done")
     seconds["total"] = round(time.perf_counter() - started, 3)
     return {

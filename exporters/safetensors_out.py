@@ -35,7 +35,7 @@ from registry.copying import BUFFER as HASH_BUFFER
 from registry.copying import hash_range
 
 SHARD_METADATA = {"format": "pt"}
-FinishFn = Callable[[Path, dict[str, Any], dict[str, str]], dict[str, str]]
+FinishFn = Callable[[Path, dict[str, Any]], dict[str, str]]  # (staged folder, report) -> files it added
 COPY_CHUNK = 1 << 30  # one copy_file_range call at most (the kernel may do less)
 
 
@@ -336,7 +336,7 @@ def merge_folder(
     embedding pair sets `tie_word_embeddings: false`. `max_shard_bytes`: None keeps the
     base's sharding, else repacks. `digests`: the sha256 of every output file, taken while
     it is written (`MergeReport.digests`; False skips hashing, e.g. when nothing will be
-    registered). `finish(folder, report, digests)` is called in the staged folder once every
+    registered). `finish(folder, report)` is called in the staged folder once every
     other file is written and returns the digests of what it adds (the model card:
     `exporters.card.OutputCard`). Every adapter key is resolved and shape-checked before
     anything is written; `out_dir` appears only when complete. Raises
@@ -378,8 +378,8 @@ def merge_folder(
             max_abs_delta_tensor=stats.max_abs_delta_tensor,
             dtype_requested=dtype,
         )
-        if finish is not None:  # the model card: written last, it lists the other files' digests
-            card = finish(tmp, report.to_dict(), dict(files))
+        if finish is not None:  # the model card, written last: it states the merge's figures
+            card = finish(tmp, report.to_dict())
             if digests:
                 files.update(card)
     report.seconds = round(time.perf_counter() - start, 3)
