@@ -8,11 +8,19 @@ given. On a terminal the text streams as it is generated; `--json` prints one ob
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 
-from adapters_cli.common import UserError, emit_json, parse_ids, run_guarded, store_options
+from adapters_cli.common import (
+    UserError,
+    complete_ref,
+    emit_json,
+    parse_ids,
+    run_guarded,
+    store_options,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,24 +41,28 @@ from adapters_cli.common import UserError, emit_json, parse_ids, run_guarded, st
               help="ONNX Runtime execution provider.")
 @click.option("--engine", default="auto", type=click.Choice(["auto", "genai", "ort"]),
               help="onnxruntime-genai, or our ONNX Runtime loop (auto: genai when the folder allows it).")
+@click.option("--adapter", default=None, metavar="FILE.onnx_adapter|REF", shell_complete=complete_ref,
+              help="Slots graphs: the adapter active while generating, an `adapters pack` file, or an adapter "
+                   "folder or registry reference packed (and validated) for OUT first.")
 @store_options
 def generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float | None,
              top_k: int | None, top_p: float | None, seed: int | None, provider: str, engine: str,
-             home: str | None, db_url: str | None, as_json: bool) -> None:
+             adapter: str | None, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Generate text with the exported decoder in OUT (greedy unless a sampling option is given).
 
     \b
     Examples:
       adapters generate ./merged-onnx --prompt "The capital of France is" --max-new-tokens 20
       adapters generate ./merged-onnx --ids 1,15043,3186 --temperature 0.8 --top-p 0.9 --seed 1 --json
+      adapters generate ./llama-slots --adapter ./mora.onnx_adapter --prompt "Hello"
     """
     run_guarded(lambda: _generate(model, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, provider,
-                                  engine, as_json))
+                                  engine, adapter, home, db_url, as_json))
 
 
 def _generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float | None,
               top_k: int | None, top_p: float | None, seed: int | None, provider: str, engine: str,
-              as_json: bool) -> None:
+              adapter: str | None, home: str | None, db_url: str | None, as_json: bool) -> None:
     from exporters.generate import Sampling, generate, model_info
     from exporters.text_tokenizer import TextTokenizer
 
@@ -68,12 +80,14 @@ def _generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: 
             raise UserError("--prompt encodes to no tokens")
     else:
         prompt_ids = parse_ids(ids or "")
-    stream = _Stream(tok, enabled=not as_json and sys.stdout.isatty())
-    result = generate(info.folder, prompt_ids, max_new_tokens, sampling,
-                      provider=provider, engine=engine, on_token=stream.token)
+    with tempfile.TemporaryDirectory(prefix="adapters-generate-") as work:
+        adapter_file = None if adapter is None else _adapter_file(adapter, info.folder, Path(work), home, db_url)
+        stream = _Stream(tok, enabled=not as_json and sys.stdout.isatty())
+        result = generate(info.folder, prompt_ids, max_new_tokens, sampling,
+                          provider=provider, engine=engine, on_token=stream.token, adapter=adapter_file)
     text = tok.decode(result.tokens) if tok is not None else None
     if as_json:
-        emit_json({**result.to_dict(), "text": text, "prompt_ids": prompt_ids})
+        emit_json({**result.to_dict(), "adapter": adapter, "text": text, "prompt_ids": prompt_ids})
         return
     if stream.enabled:
         stream.finish()
@@ -81,6 +95,27 @@ def _generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: 
         click.echo(text if text is not None else ",".join(map(str, result.tokens)))
     click.echo(f"[{result.engine} on {result.provider}: {len(result.tokens)} tokens ({result.stopped}), first after "
                f"{result.time_to_first_token_s:.3f} s, {result.tokens_per_s:.1f} tokens/s]", err=True)
+
+
+def _adapter_file(adapter: str, graph_dir: Path, work: Path, home: str | None, db_url: str | None) -> Path:
+    """`--adapter`: an existing file is used as it is (checked against the graph's slots by
+    `exporters.generate`); a folder or a registry reference is packed for `graph_dir` into
+    `work` first, as `adapters pack` does (validated against the unmerged reference; this
+    path imports torch)."""
+    from exporters.generate import check_slots_graph, model_info
+
+    check_slots_graph(model_info(graph_dir))  # before any packing
+    path = Path(adapter)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        return path
+    if adapter.endswith(".onnx_adapter"):
+        raise UserError(f"--adapter {adapter}: no such file")
+    from exporters.serve_pipeline import PackOptions, run_pack
+
+    out = work / "adapter.onnx_adapter"
+    run_pack(PackOptions(adapter=adapter, graph_dir=graph_dir, out_file=out, register=False,
+                         home=Path(home) if home else None, db_url=db_url))
+    return out
 
 
 class _Stream:

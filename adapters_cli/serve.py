@@ -31,14 +31,18 @@ PROVIDERS = ["auto", "cpu", "cuda", "tensorrt"]
 @click.option("--provider", default="auto", type=click.Choice(PROVIDERS), help="ONNX Runtime provider for validation.")
 @click.option("--atol", type=float, default=None, help="Validation absolute tolerance (default per dtype).")
 @click.option("--rtol", type=float, default=None, help="Validation relative tolerance (default per dtype).")
+@click.option("--no-kv-cache", is_flag=True,
+              help="Decoders: the plain signature (input_ids, attention_mask -> logits) without KV cache "
+                   "or genai_config.json.")
 @click.option("--allow-base-mismatch", is_flag=True,
               help="Accept registry versions pushed for another base than --base.")
 @click.option("--register/--no-register", default=True, help="Record the graph as an artifact (default: yes).")
 @click.argument("more", nargs=-1, metavar="[ADAPTER...]", shell_complete=complete_ref)
 @store_options
 def export(base_dir: str, target: str, slots: tuple[str, ...], out_dir: Path, mixed: bool, dtype: str,
-           opset: int | None, provider: str, atol: float | None, rtol: float | None, allow_base_mismatch: bool,
-           register: bool, more: tuple[str, ...], home: str | None, db_url: str | None, as_json: bool) -> None:
+           opset: int | None, provider: str, atol: float | None, rtol: float | None, no_kv_cache: bool,
+           allow_base_mismatch: bool, register: bool, more: tuple[str, ...], home: str | None, db_url: str | None,
+           as_json: bool) -> None:
     """Export the BASE model once with adapter slots (LoRA A/B, MoRA M) for the given adapters.
 
     Each ADAPTER is a PEFT folder or a registry reference. The graph has the inputs of a
@@ -56,7 +60,7 @@ def export(base_dir: str, target: str, slots: tuple[str, ...], out_dir: Path, mi
 
     progress = ProgressLine(enabled=None if not as_json else False)  # stage names, elapsed seconds
     opts = SlotsOptions(adapters=[*slots, *more], base_dir=base_dir, out_dir=out_dir, mixed=mixed, dtype=dtype,
-                        opset=opset, provider=provider, atol=atol, rtol=rtol,
+                        opset=opset, provider=provider, atol=atol, rtol=rtol, kv_cache=not no_kv_cache,
                         allow_base_mismatch=allow_base_mismatch, home=Path(home) if home else None,
                         db_url=db_url, register=register, on_stage=progress.stage)
     def body() -> dict[str, Any]:
@@ -75,7 +79,9 @@ def export(base_dir: str, target: str, slots: tuple[str, ...], out_dir: Path, mi
                                    ("slots", f"{len(summary['slots'])} on "
                                              f"{len({s['module'] for s in summary['slots']})} modules"),
                                    ("validated", f"{v['provider']}: max abs {v['max_abs_diff']:.3g}, "
-                                                 f"max rel {v['max_rel_diff']:.3g} (pass)")]
+                                                 f"max rel {v['max_rel_diff']:.3g} (pass)"),
+                                   ("kv cache", "yes" + (" (genai_config.json)" if not summary["mixed"] else "")
+                                    if summary.get("kv_cache") else "no")]
     for a in summary["adapters"]:
         rows.append(("adapter", f"{a['position']}: {a['ref']}  {a['kind']}"))
     if summary.get("artifact"):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from exporters.errors import ExportError
-from exporters.onnx_layout import GENAI_CONFIG_NAME
+from exporters.onnx_layout import FORMAT_SLOTS, GENAI_CONFIG_NAME
 
 ENGINES = ("auto", "genai", "ort")
 OnToken = Callable[[int], None]
@@ -93,6 +93,7 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
     context_length: int
     vocab_size: int | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # export.json ({} when absent)
 
 
 def model_info(folder: Path) -> ModelInfo:
@@ -107,7 +108,7 @@ def model_info(folder: Path) -> ModelInfo:
     folder = Path(folder)
     if not folder.is_dir():
         raise GenerationError(f"{folder}: no such folder (give an `adapters merge --to onnx` output folder)")
-    graph, _ = graph_and_recipe(folder, GenerationError)
+    graph, recipe = graph_and_recipe(folder, GenerationError)
     genai = read_json_object(folder, GENAI_CONFIG_NAME, "genai config", GenerationError)
     cfg = read_json_object(folder, "config.json", "model config", GenerationError) or {}
     gmodel: dict[str, Any] = {}
@@ -130,7 +131,7 @@ def model_info(folder: Path) -> ModelInfo:
     if ctx_value is None:
         ctx_value = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
     ctx = positive_int(ctx_value, f"{where}: context length", GenerationError)
-    return ModelInfo(folder, graph, genai, eos_ids, ctx, vocab)
+    return ModelInfo(folder, graph, genai, eos_ids, ctx, vocab, recipe)
 
 
 def genai_available() -> bool:
@@ -156,8 +157,13 @@ def pick_engine(info: ModelInfo, engine: str) -> str:
 
 
 def generate(folder: Path, prompt_ids: Sequence[int], max_new_tokens: int = 32, sampling: Sampling | None = None,
-             provider: str = "auto", engine: str = "auto", on_token: OnToken | None = None) -> GenerationResult:
-    """Generate up to `max_new_tokens` ids after `prompt_ids` with the graph in `folder`."""
+             provider: str = "auto", engine: str = "auto", on_token: OnToken | None = None,
+             adapter: Path | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` ids after `prompt_ids` with the graph in `folder`.
+
+    `adapter`: an `.onnx_adapter` file (`adapters pack`) active for the whole generation;
+    `folder` must then be a slots graph whose slots the file fits (`check_adapter_file`).
+    """
     from exporters.providers import choose_provider
 
     sampling = sampling or Sampling()
@@ -171,10 +177,55 @@ def generate(folder: Path, prompt_ids: Sequence[int], max_new_tokens: int = 32, 
     if len(prompt) >= info.context_length:
         raise GenerationError(f"the prompt has {len(prompt)} tokens; the model's context is {info.context_length}")
     check_vocabulary(prompt, info.vocab_size)
+    if adapter is not None:
+        check_adapter_file(info, Path(adapter))
     chosen = choose_provider(provider)
     which = pick_engine(info, engine)
     run = _genai_generate if which == "genai" else _ort_generate
-    return run(info, prompt, max_new_tokens, sampling, chosen, on_token or (lambda _t: None))
+    result = run(info, prompt, max_new_tokens, sampling, chosen, on_token or (lambda _t: None), adapter)
+    result.extra["adapter"] = str(adapter) if adapter is not None else None
+    return result
+
+
+def check_slots_graph(info: ModelInfo) -> dict[str, Any]:
+    """The recipe of `info` if it is a slots graph an adapter file can be activated on (not mixed)."""
+    recipe = info.recipe
+    if recipe.get("format") != FORMAT_SLOTS or recipe.get("mixed"):
+        what = "a mixed graph (its adapters are inside)" if recipe.get("mixed") else "not a slots graph"
+        raise GenerationError(f"--adapter: {info.folder} is {what}; export one with adapters export --slots")
+    return recipe
+
+
+def check_adapter_file(info: ModelInfo, path: Path) -> None:
+    """`GenerationError` unless `path` is an adapter file that fits the slots graph of `info`.
+
+    The folder must be a (not mixed) slots graph; the file a regular file that ONNX
+    Runtime reads as an adapter, every parameter of which names a slot of the graph with
+    the recorded shape (a LoRA rank may differ: the graph's rank axis is dynamic).
+    """
+    from exporters.ort_adapter import read_adapter_file
+    from mora_core.safe_io import open_regular
+
+    recipe = check_slots_graph(info)
+    with open_regular(path, GenerationError):  # a FIFO or a folder is refused before ONNX Runtime sees it
+        pass
+    try:
+        params = read_adapter_file(path)
+    except Exception as exc:
+        raise GenerationError(f"--adapter {path}: not an ONNX Runtime adapter file "
+                              f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    slots = recipe.get("parameters")
+    if not isinstance(slots, dict):
+        raise GenerationError(f"{info.folder / 'export.json'}: no slot parameters recorded")
+    if not params:
+        raise GenerationError(f"--adapter {path}: holds no parameters")
+    for name, value in sorted(params.items()):
+        want = (slots.get(name) or {}).get("shape") if isinstance(slots.get(name), dict) else None
+        if want is None:
+            raise GenerationError(f"--adapter {path}: parameter {name[:120]} is not a slot of {info.folder}")
+        if len(want) != value.ndim or any(isinstance(w, int) and w != d for w, d in zip(want, value.shape)):
+            raise GenerationError(f"--adapter {path}: parameter {name[:120]} has shape {list(value.shape)}, "
+                                  f"the slot takes {want}")
 
 
 def check_vocabulary(prompt: Sequence[int], vocab: int | None) -> None:
@@ -215,13 +266,15 @@ def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
 
 
 def _ort_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sampling: Sampling, provider: str,
-                  on_token: OnToken) -> GenerationResult:
+                  on_token: OnToken, adapter: Path | None = None) -> GenerationResult:
+    from exporters.ort_adapter import Activation
     from exporters.ort_decoder import OrtDecoder
     from exporters.providers import open_session, really_used
 
     try:
         session = open_session(info.graph, provider)
-        decoder = OrtDecoder(session)
+        activation = Activation(adapter)  # held while the decoder runs: the options point at it
+        decoder = OrtDecoder(session, run_options=activation.options)
     except ValueError as exc:
         raise GenerationError(f"{info.graph}: not a decoder graph ({exc})") from None
     except Exception as exc:
@@ -268,7 +321,7 @@ def _rate(n: int, t_first: float, t_last: float) -> float:
 
 
 def _genai_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sampling: Sampling, provider: str,
-                    on_token: OnToken) -> GenerationResult:
+                    on_token: OnToken, adapter: Path | None = None) -> GenerationResult:
     import onnxruntime_genai as og
 
     from exporters.export_folder import check_folder
@@ -281,6 +334,10 @@ def _genai_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sam
             provider = "cuda"
             config.append_provider(provider)
         model = og.Model(config)
+        adapters = None
+        if adapter is not None:  # onnxruntime-genai's multi-LoRA API feeds the file's overridable initializers
+            adapters = og.Adapters(model)
+            adapters.load(str(adapter), "adapter")
     except Exception as exc:
         raise GenerationError(f"{info.folder}: onnxruntime-genai cannot load it "
                               f"({str(exc).splitlines()[0][:160]}); use --engine ort") from None
@@ -301,6 +358,8 @@ def _genai_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sam
     try:
         params.set_search_options(**options)
         generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, "adapter")
         generator.append_tokens(np.asarray([prompt], dtype=np.int32))
         while not generator.is_done() and len(tokens) < budget:
             generator.generate_next_token()

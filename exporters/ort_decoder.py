@@ -43,10 +43,15 @@ class OrtDecoder:
 
     `kv_heads`/`head_size` are needed only for graphs whose past inputs leave those
     dimensions symbolic (onnxruntime-genai's builder does); ours declare them.
+    `run_options` go to every run (a slots graph's active adapter: `ort_adapter.Activation`);
+    `extra_feed` is fed as it is at every step (a mixed graph's `adapter_index`).
     """
 
-    def __init__(self, session: Any, kv_heads: int | None = None, head_size: int | None = None):
+    def __init__(self, session: Any, kv_heads: int | None = None, head_size: int | None = None,
+                 run_options: Any = None, extra_feed: dict[str, np.ndarray] | None = None):
         self.session = session
+        self.run_options = run_options
+        self.extra_feed = dict(extra_feed or {})
         ins = {i.name: i for i in session.get_inputs()}
         if "input_ids" not in ins or "attention_mask" not in ins:
             raise ValueError(f"inputs are {list(ins)}, expected input_ids and attention_mask")
@@ -91,16 +96,16 @@ class OrtDecoder:
         new = input_ids.shape[1]
         if not self.kv_cache:
             ids = np.concatenate([state.ids, input_ids], axis=1)
-            feed = {"input_ids": ids, "attention_mask": attention_mask}
+            feed = {"input_ids": ids, "attention_mask": attention_mask, **self.extra_feed}
             if self.has_position_ids:
                 feed["position_ids"] = positions(attention_mask, ids.shape[1])
-            (logits,) = self.session.run(["logits"], feed)
+            (logits,) = self.session.run(["logits"], feed, self.run_options)
             return logits[:, -new:], DecoderState(ids=ids)
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **state.past}
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **state.past, **self.extra_feed}
         if self.has_position_ids:
             feed["position_ids"] = positions(attention_mask, new)
         wanted = ["logits", *self.present_of.values()]
-        out = self.session.run(wanted, feed)
+        out = self.session.run(wanted, feed, self.run_options)
         past = {n: out[1 + i] for i, n in enumerate(self.past_names)}
         return out[0], DecoderState(past=past)
 

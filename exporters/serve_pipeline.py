@@ -49,6 +49,7 @@ class SlotsOptions:
     provider: str = "auto"
     atol: float | None = None
     rtol: float | None = None
+    kv_cache: bool = True  # decoders: the KV-cache signature of a merged export (False: the plain one)
     allow_base_mismatch: bool = False
     home: Path | None = None
     db_url: str | None = None
@@ -114,8 +115,8 @@ def run_slots_export(opts: SlotsOptions) -> dict[str, Any]:
         resolved = resolve_adapters(opts.adapters, base.folder, registry.get, opts.allow_base_mismatch)
         summary = {"to": "onnx", "format": KIND_SLOTS, **export_slots_onnx(
             base.folder, [r.adapter for r in resolved], opts.out_dir, mixed=opts.mixed, dtype=opts.dtype,
-            opset=opts.opset, provider=opts.provider, atol=opts.atol, rtol=opts.rtol, on_stage=opts.on_stage,
-            hub=hub)}
+            opset=opts.opset, provider=opts.provider, atol=opts.atol, rtol=opts.rtol,
+            kv_cache=None if opts.kv_cache else False, on_stage=opts.on_stage, hub=hub)}
         weights = [1.0] * len(resolved)
         summary["adapters"] = [{**r.describe(1.0), "position": i} for i, r in enumerate(resolved)]
         if hub:

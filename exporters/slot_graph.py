@@ -101,6 +101,18 @@ class SlotsWrapper(torch.nn.Module):
         return self.inner(input_ids, attention_mask)
 
 
+class KVSlotsWrapper(SlotsWrapper):
+    """The KV-cache signature with slots: `(input_ids, attention_mask, position_ids, past, slots)`.
+
+    `inner` is an `exporters.onnx_graph.KVCacheWrapper`; outputs are `(logits, *present)`.
+    """
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+                position_ids: torch.Tensor, past: list, slots: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        self.feeds.values = dict(zip(self.names, slots))
+        return self.inner(input_ids, attention_mask, position_ids, past)
+
+
 # ----------------------------------------------------------------------------- mixed
 
 @dataclass
@@ -178,11 +190,23 @@ class MixedWrapper(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 adapter_index: torch.Tensor) -> torch.Tensor:
+        self._fill(adapter_index)
+        return self.inner(input_ids, attention_mask)
+
+    def _fill(self, adapter_index: torch.Tensor) -> None:
         values: dict[str, torch.Tensor] = {ADAPTER_INDEX: adapter_index}
         for key, names in self.keys:
             values[key] = [getattr(self, n) for n in names]  # type: ignore[assignment]
         self.feeds.values = values
-        return self.inner(input_ids, attention_mask)
+
+
+class KVMixedWrapper(MixedWrapper):
+    """`(input_ids, attention_mask, position_ids, past, adapter_index) -> (logits, *present)`."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+                position_ids: torch.Tensor, past: list, adapter_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._fill(adapter_index)
+        return self.inner(input_ids, attention_mask, position_ids, past)
 
 
 def mixed_rows(n_adapters: int, batch: int, shift: int) -> np.ndarray:

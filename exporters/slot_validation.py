@@ -7,6 +7,13 @@
   in every row position); each row is compared with the unmerged reference of its adapter;
 - an adapter file (`adapters pack`): that file active vs the unmerged reference at its weight.
 
+KV-cache slot graphs (decoders' default) run the shape cases as prefills (empty past,
+position ids `cumsum(mask) - 1`), and each adapter file (and no adapter) is also checked
+while generating: prefill plus greedy decode steps through the graph's own cache with
+the file active, against the base with that adapter unmerged and PyTorch's cache
+(`exporters.generation_check`). A mixed KV graph is checked row by row on prefills; its
+generation through the cache is not compared (not done).
+
 Cases, criterion and statistics are those of merged exports (`exporters.validate`). Like
 `validate_graph`, these functions never raise for a wrong graph: the report's `passed` is
 False and `failure` is the line to show.
@@ -21,10 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporters.generation_check import (
+    compare_generation,
+    generation_failure_line,
+    generation_prompts,
+)
 from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, max_positions
-from exporters.onnx_graph import PlainWrapper
+from exporters.onnx_graph import GraphSpec, PlainWrapper
 from exporters.onnx_validation import CRITERION, VALIDATION_MAX_LEN, _cannot_run
 from exporters.ort_adapter import Activation
+from exporters.ort_decoder import OrtDecoder, positions
 from exporters.providers import open_session, really_used
 from exporters.slot_graph import ADAPTER_INDEX, mixed_rows
 from exporters.validate import Case, compare, failure_line, make_cases
@@ -37,14 +50,32 @@ def _cases(model: torch.nn.Module, task: str) -> list[Case]:
     return make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
 
 
-def _torch_runner(model: torch.nn.Module, task: str) -> Callable[[Case], np.ndarray]:
-    wrapper = PlainWrapper(model, task).eval()
+def _torch_runner(model: torch.nn.Module, spec: GraphSpec) -> Callable[[Case], np.ndarray]:
+    wrapper = PlainWrapper(model, spec.task).eval()
 
     def run(case: Case) -> np.ndarray:
+        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
         with torch.no_grad():
-            return wrapper(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
+            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
+                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
+                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
+            return wrapper(ids, mask).numpy()
 
     return run
+
+
+def _run_cases(session, spec: GraphSpec, cases: Sequence[Case], run_options=None,
+               extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The graph's output for every case: a plain run, or a prefill through an empty cache."""
+    if spec.kv_cache:
+        outs = []
+        for c in cases:
+            decoder = OrtDecoder(session, run_options=run_options, extra_feed=extra)
+            outs.append(decoder.step(c.input_ids, c.attention_mask, decoder.start(len(c.input_ids)))[0])
+        return outs
+    feed = dict(extra or {})
+    return [session.run([OUTPUT_NAME[spec.task]], {"input_ids": c.input_ids, "attention_mask": c.attention_mask,
+                                                   **feed}, run_options)[0] for c in cases]
 
 
 def _report(comparisons: dict[str, dict], used: str, chain: Sequence[str], requested: str, atol: float,
@@ -59,60 +90,69 @@ def _report(comparisons: dict[str, dict], used: str, chain: Sequence[str], reque
     }
     if not report["passed"]:
         failed = next(c for c in comparisons.values() if not c["passed"])
-        report["failure"] = failure_line(failed, used, atol, rtol)
+        line = generation_failure_line if "steps" in failed else failure_line
+        report["failure"] = line(failed, used, atol, rtol)
     return report
 
 
-def validate_adapter_files(graph: Path, model: torch.nn.Module, task: str, files: Sequence[tuple[str, Path | None]],
+def validate_adapter_files(graph: Path, model: torch.nn.Module, spec: GraphSpec,
+                           files: Sequence[tuple[str, Path | None]],
                            adapters: Sequence[Adapter | None], weights: Sequence[float], provider: str,
                            requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
     """Run the slots graph once per entry of `files` ((name, adapter file or None)) on one session.
 
     Entry i is compared with the base `model` (float32, base weights) plus `adapters[i]`
-    unmerged at `weights[i]` (None: the base alone).
+    unmerged at `weights[i]` (None: the base alone). KV graphs also generate with each
+    entry active (comparison `"<name>: generation"`), on a second session.
     """
-    out_name = OUTPUT_NAME[task]
+    task = spec.task
     cases = _cases(model, task)
     try:
         session = open_session(graph, provider)
         outputs = []
         for _, path in files:
             act = Activation(path)
-            outputs.append([session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask},
-                                        act.options)[0] for c in cases])
+            outputs.append(_run_cases(session, spec, cases, act.options))
     except Exception as exc:
         return {"passed": False, "provider": provider, "requested_provider": requested,
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
-    run = _torch_runner(model, task)
+    run = _torch_runner(model, spec)
     comparisons: dict[str, dict] = {}
-    for (name, _), adapter, weight, outs in zip(files, adapters, weights, outputs):
-        if adapter is None:
-            comparisons[name] = compare(f"{name} (PyTorch base model)", cases, outs, run, atol, rtol)
-            continue
-        with apply_unmerged(model, [adapter], [weight]):
-            comparisons[name] = compare(f"{name} (PyTorch base + unmerged adapter)", cases, outs, run, atol, rtol)
+    prompts = generation_prompts(int(model.config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(model.config)))
+    for (name, path), adapter, weight, outs in zip(files, adapters, weights, outputs):
+        with apply_unmerged(model, [adapter] if adapter is not None else [], [weight] if adapter is not None else []):
+            what = "PyTorch base model" if adapter is None else "PyTorch base + unmerged adapter"
+            comparisons[name] = compare(f"{name} ({what})", cases, outs, run, atol, rtol)
+            if spec.kv_cache:
+                try:
+                    act = Activation(path)
+                    decoder = OrtDecoder(open_session(graph, provider), run_options=act.options)
+                    gen = compare_generation(decoder, model, prompts, atol, rtol)
+                except Exception as exc:
+                    return {"passed": False, "provider": used, "requested_provider": requested,
+                            "failure": _cannot_run(used, exc)}
+                del decoder
+                comparisons[f"{name}: generation"] = {**gen, "name": f"{name}: {gen['name']}"}
     return _report(comparisons, used, chain, requested, atol, rtol, dtype)
 
 
-def validate_mixed(graph: Path, model: torch.nn.Module, task: str, adapters: Sequence[Adapter], provider: str,
-                   requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
+def validate_mixed(graph: Path, model: torch.nn.Module, spec: GraphSpec, adapters: Sequence[Adapter],
+                   provider: str, requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
     """Row by row: every case with n+1 row assignments, each row against its adapter's unmerged reference."""
-    out_name = OUTPUT_NAME[task]
     n = len(adapters)
-    cases = _cases(model, task)
+    cases = _cases(model, spec.task)
     runs = [(c, mixed_rows(n, len(c.input_ids), shift)) for c in cases for shift in range(n + 1)]
     try:
         session = open_session(graph, provider)
-        outputs = [session.run([out_name], {"input_ids": c.input_ids, "attention_mask": c.attention_mask,
-                                            ADAPTER_INDEX: rows})[0] for c, rows in runs]
+        outputs = [_run_cases(session, spec, [c], extra={ADAPTER_INDEX: rows})[0] for c, rows in runs]
     except Exception as exc:
         return {"passed": False, "provider": provider, "requested_provider": requested,
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
-    run = _torch_runner(model, task)
+    run = _torch_runner(model, spec)
     per_adapter: dict[int, list[np.ndarray]] = {-1: [run(c) for c in cases]}
     for j, adapter in enumerate(adapters):
         with apply_unmerged(model, [adapter], [1.0]):

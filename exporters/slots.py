@@ -28,18 +28,23 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
-from exporters.hf_model import load_config, task_of
+from exporters.genai_config import GENAI_CONFIG_NAME, genai_config, special_ids
+from exporters.hf_model import load_config, max_positions, task_of
 from exporters.model_build import merged_model
 from exporters.onnx_export import EXTERNAL_DATA_BYTES
 from exporters.onnx_graph import (
     MAX_OPSET,
     MIN_OPSET,
     ONNX_DTYPES,
+    GraphSpec,
+    KVCacheWrapper,
+    _kv_example,
     _plain_example,
     export_module,
+    kv_spec,
     plain_spec,
 )
-from exporters.onnx_layout import DATA_NAME, GRAPH_NAME, RECIPE_NAME
+from exporters.onnx_layout import DATA_NAME, FORMAT_SLOTS, GRAPH_NAME, RECIPE_NAME
 from exporters.ort_adapter import ADAPTER_SUFFIX, write_adapter_file
 from exporters.outputs import (
     copy_side_files,
@@ -52,6 +57,8 @@ from exporters.providers import choose_provider
 from exporters.slot_graph import (
     ADAPTER_INDEX,
     Feeds,
+    KVMixedWrapper,
+    KVSlotsWrapper,
     MixedWrapper,
     SlotsWrapper,
     attach,
@@ -66,7 +73,6 @@ from mora_core.adapter import Adapter
 from mora_core.checkpoint import open_checkpoint
 from registry.blobs import hash_file
 
-FORMAT_SLOTS = "onnx_slots"
 StageFn = Callable[[str], None]
 
 
@@ -99,11 +105,17 @@ def _check(adapters: Sequence[Adapter], out: Path, dtype: str, opset: int | None
 
 def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *, mixed: bool = False,
                       dtype: str = "float32", opset: int | None = None, provider: str = "auto",
-                      atol: float | None = None, rtol: float | None = None,
+                      atol: float | None = None, rtol: float | None = None, kv_cache: bool | None = None,
                       on_stage: StageFn | None = None, external_data: bool | None = None,
                       hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Export the base at `base_dir` with slots for `adapters` (or, `mixed`, with them stacked inside).
     `hub` ({"repo", "commit"}): the base came from the Hugging Face Hub; export.json records it.
+
+    `kv_cache` as in `export_merged_onnx`: None gives decoders the KV-cache signature
+    (and a slots graph `genai_config.json`), False the plain one, True on an encoder is
+    an `ExportError`. A KV slots graph is validated by generating too: prefill plus greedy
+    decode steps through its cache with each adapter file active, against the base with
+    that adapter unmerged (PyTorch's cache).
 
     Returns a JSON-able summary (`output`, `files`, `slots`, `parameters`, `validation`,
     `export` = export.json, `seconds`). `on_stage(name)` is called as each long stage starts
@@ -117,6 +129,9 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
     stage = on_stage or (lambda name: None)
     stage("building the base model")
     base = BaseModel(base_dir)
+    spec = slot_spec(base.config, base.task, kv_cache)
+    if spec.kv_cache and not mixed:
+        special_ids(base.config, base.checkpoint.root)  # a malformed generation_config.json fails first
     chosen = choose_provider(provider)
     branches = [bind(a, base.shapes) for a in adapters]
     for a, bs in zip(adapters, branches):
@@ -131,13 +146,14 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
         total = sum(p.numel() * p.element_size() for p in base.model.parameters())
         n_bytes = total // (2 if dtype == "float16" else 1)
         external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
-        real_opset = _export(base, layout, branches if mixed else None, dtype, opset, tmp / GRAPH_NAME, external)
+        real_opset = _export(base, layout, branches if mixed else None, spec, dtype, opset, tmp / GRAPH_NAME,
+                             external)
         seconds["export"] = round(time.perf_counter() - t, 3)
         stage(f"validating on {chosen} ({len(adapters) + (0 if mixed else 1)} adapter cases)")
 
         t = time.perf_counter()
         if mixed:
-            validation = validate_mixed(tmp / GRAPH_NAME, base.model, base.task, adapters, chosen, provider,
+            validation = validate_mixed(tmp / GRAPH_NAME, base.model, spec, adapters, chosen, provider,
                                         atol_v, rtol_v, dtype)
         else:
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out_dir.name}.adapters-") as work:
@@ -146,7 +162,7 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
                     path = Path(work) / f"{i}{ADAPTER_SUFFIX}"
                     write_adapter_file(path, parameters(fit(a.label, bs, layout, str(out_dir)), 1.0, dtype))
                     files.append((a.label if a.label not in dict(files) else f"{a.label} #{i + 1}", path))
-                validation = validate_adapter_files(tmp / GRAPH_NAME, base.model, base.task, files,
+                validation = validate_adapter_files(tmp / GRAPH_NAME, base.model, spec, files,
                                                     [None, *adapters], [1.0] * len(files), chosen, provider,
                                                     atol_v, rtol_v, dtype)
         seconds["validation"] = round(time.perf_counter() - t, 3)
@@ -158,30 +174,45 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
             if (tmp / name).is_file():
                 fsync_file(tmp / name)
         copy_side_files(base.checkpoint.root, tmp)
-        recipe = _recipe(tmp, base, layout, adapters, mixed, dtype, real_opset, validation, hub)
+        if spec.kv_cache and not mixed:  # genai feeds model inputs only: a mixed graph's adapter_index it cannot
+            write_json(tmp / GENAI_CONFIG_NAME, genai_config(base.config, spec, GRAPH_NAME, base.checkpoint.root,
+                                                             max_positions(base.config)))
+        recipe = _recipe(tmp, base, layout, adapters, mixed, spec, dtype, real_opset, validation, hub)
         write_json(tmp / RECIPE_NAME, recipe)
     seconds["total"] = round(time.perf_counter() - started, 3)
     return {"output": str(out_dir), "files": recipe["files"], "model_type": base.config.model_type,
-            "task": base.task, "dtype": dtype, "opset": real_opset, "mixed": mixed, "slots": recipe["slots"],
+            "task": base.task, "kv_cache": spec.kv_cache, "dtype": dtype, "opset": real_opset, "mixed": mixed,
+            "slots": recipe["slots"],
             "parameters": recipe["parameters"], "export": recipe, "validation": validation, "seconds": seconds}
 
 
-def _export(base: BaseModel, layout: SlotLayout, stacked: list[list[BoundBranch]] | None, dtype: str,
-            opset: int | None, path: Path, external: bool) -> int:
+def slot_spec(config, task: str, kv_cache: bool | None) -> GraphSpec:
+    """The model inputs/outputs of a slots graph: those of a merged export of the same base."""
+    if kv_cache and task != "causal-lm":
+        raise ExportError(f"{config.model_type} is an encoder; a KV cache is for decoders")
+    return kv_spec(config) if task == "causal-lm" and kv_cache is not False else plain_spec(task)
+
+
+def _export(base: BaseModel, layout: SlotLayout, stacked: list[list[BoundBranch]] | None, spec: GraphSpec,
+            dtype: str, opset: int | None, path: Path, external: bool) -> int:
     """Hook the branches on (a copy in `dtype` of) the base model, export, give slot inputs defaults."""
     tdtype = ONNX_DTYPES[dtype]
     model = base.model if dtype == "float32" else copy.deepcopy(base.model).to(tdtype)
-    spec = plain_spec(base.task)
     feeds = Feeds()
-    inner = _inner(model, spec.task)
-    example, dynamic = _plain_example(base.model)
+    if spec.kv_cache:
+        inner: torch.nn.Module = KVCacheWrapper(model)
+        example, dynamic = _kv_example(model, spec, tdtype)
+    else:
+        inner = _inner(model, spec.task)
+        example, dynamic = _plain_example(base.model)
     if stacked is None:
         slot_ex, slot_dyn = slot_example(layout, tdtype)
         names = [n for s in layout.slots for n in s.names]
-        wrapper: torch.nn.Module = SlotsWrapper(inner, feeds, names)
+        wrapper: torch.nn.Module = (KVSlotsWrapper if spec.kv_cache else SlotsWrapper)(inner, feeds, names)
         example, dynamic = (*example, slot_ex), {**dynamic, "slots": slot_dyn}
     else:
-        wrapper = MixedWrapper(inner, feeds, build_stacks(layout, stacked)).to(tdtype)
+        stacks = build_stacks(layout, stacked)
+        wrapper = (KVMixedWrapper if spec.kv_cache else MixedWrapper)(inner, feeds, stacks).to(tdtype)
         names = [ADAPTER_INDEX]
         example = (*example, torch.zeros(example[0].shape[0], dtype=torch.long))
         dynamic = {**dynamic, ADAPTER_INDEX: {0: dynamic["input_ids"][0]}}
@@ -222,7 +253,8 @@ def _add_defaults(path: Path, defaults: dict[str, tuple[int, ...]]) -> None:
 
 
 def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequence[Adapter], mixed: bool,
-            dtype: str, opset: int, validation: dict[str, Any], hub: dict[str, str] | None = None) -> dict[str, Any]:
+            spec: GraphSpec, dtype: str, opset: int, validation: dict[str, Any],
+            hub: dict[str, str] | None = None) -> dict[str, Any]:
     """export.json of a slot graph: what `adapters pack` and a server need to know about it."""
     from exporters.recipe import tool_versions
 
@@ -232,8 +264,9 @@ def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequenc
         if p.is_file():
             files[name] = {"sha256": hash_file(p)[0], "bytes": p.stat().st_size}
     task = base.task
-    spec = plain_spec(task)
-    inputs: dict[str, Any] = {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in spec.input_names}
+    signature = spec.describe()
+    inputs: dict[str, Any] = {n: {"dtype": "int64" if not n.startswith("past_") else dtype, "shape": shape}
+                              for n, shape in signature["inputs"].items()}
     if mixed:
         inputs[ADAPTER_INDEX] = {"dtype": "int64", "shape": ["batch"],
                                  "values": "position in adapters (0-based), -1 = base model"}
@@ -248,9 +281,9 @@ def _recipe(folder: Path, base: BaseModel, layout: SlotLayout, adapters: Sequenc
         "architectures": list(getattr(base.config, "architectures", None) or []),
         "task": task,
         "inputs": inputs,
-        "outputs": {spec.output_names[0]: {"dtype": dtype, "shape": ["batch", "sequence", "vocab" if task ==
-                                                                      "causal-lm" else "hidden"]}},
-        "kv_cache": False,
+        "outputs": {n: {"dtype": dtype, "shape": shape} for n, shape in signature["outputs"].items()},
+        "kv_cache": spec.kv_cache,
+        "genai_config": GENAI_CONFIG_NAME if spec.kv_cache and not mixed else None,
         "dtype": dtype,
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True, optimize=True) + adapter slots (exporters.slot_graph)",
@@ -314,6 +347,7 @@ def pack_adapter(adapter: Adapter, graph_dir: Path, out_file: Path, *, weight: f
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
     layout = SlotLayout.from_list(recipe["slots"])
     base = BaseModel(base_path)
+    spec = slot_spec(base.config, base.task, bool(recipe.get("kv_cache")))
     pairs = fit(adapter.label, bind(adapter, base.shapes), layout, str(graph_dir))
     if not pairs:
         raise ExportError(f"{adapter.label}: targets no module of the base model")
@@ -322,7 +356,7 @@ def pack_adapter(adapter: Adapter, graph_dir: Path, out_file: Path, *, weight: f
     tmp = out_file.parent / f".{out_file.name}.check-{os.getpid()}{ADAPTER_SUFFIX}"
     try:
         write_adapter_file(tmp, params)
-        validation = validate_adapter_files(graph_dir / GRAPH_NAME, base.model, base.task,
+        validation = validate_adapter_files(graph_dir / GRAPH_NAME, base.model, spec,
                                             [(adapter.label, tmp)], [adapter], [weight], chosen, provider,
                                             atol_v, rtol_v, dtype)
         if not validation["passed"]:

@@ -1,7 +1,8 @@
 """`adapters export --slots` and `adapters pack` through the CLI, served with ONNX Runtime's own API.
 
-One slots graph is exported (in-process CLI, registered) for seven adapters on a tiny
-Llama: peft LoRAs of rank 2 and 6 (the rank-2 one pushed to the registry first) and MoRA
+One slots graph is exported (in-process CLI, registered, with the plain signature:
+`--no-kv-cache`; the KV layout is tested in tests/exporters/test_slot_generation.py) for
+seven adapters on a tiny Llama: peft LoRAs of rank 2 and 6 (the rank-2 one pushed to the registry first) and MoRA
 types 1, 2, 3, 4, 6. The adapter files written by `adapters pack` are then served with
 nothing but `onnxruntime.LoraAdapter` + `RunOptions.add_active_adapter` on ONE session,
 and checked against references the exporter does not use: peft's own forward for LoRA,
@@ -46,7 +47,7 @@ def env(tmp_path_factory):
     assert pushed.code == 0, pushed.err
     f["mora_ref"] = pushed.out.strip()
     res = adapters("export", "--base", base, "--to", "onnx", "--slots", f["lora_ref"], f["lora6"], f["mora_ref"],
-                   *(f[f"mora{t}"] for t in TYPES[1:]), "-o", root / "slots", "--json", home=home)
+                   *(f[f"mora{t}"] for t in TYPES[1:]), "-o", root / "slots", "--no-kv-cache", "--json", home=home)
     assert res.code == 0, res.err
     f["summary"] = res.json()
     f["graph"] = root / "slots"

@@ -71,18 +71,22 @@ def test_mixed_graph_validated_row_by_row(mixed):
 def test_mixed_batch_of_lora_mora_and_base_rows(mixed):
     from peft import PeftModel
 
+    from exporters.ort_decoder import OrtDecoder
     from exporters.providers import open_session
     from mora_core.forward import apply_unmerged
 
     sess = open_session(Path(mixed["summary"]["output"]) / "model.onnx", "cpu")
-    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "adapter_index"]
+    names = [i.name for i in sess.get_inputs()]  # a merged export's KV signature, plus adapter_index
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[-1] == "adapter_index"
+    assert mixed["summary"]["kv_cache"] is True and not (Path(mixed["summary"]["output"]) / "genai_config.json").exists()
     rng = np.random.default_rng(7)
     ids = rng.integers(0, 96, size=(5, 11), dtype=np.int64)
     mask = np.ones_like(ids)
     for row, pad in enumerate([0, 3, 0, 6, 2]):
         mask[row, :pad] = 0
     index = np.array([2, -1, 0, 1, 0], dtype=np.int64)
-    got = sess.run(None, {"input_ids": ids, "attention_mask": mask, "adapter_index": index})[0]
+    decoder = OrtDecoder(sess, extra_feed={"adapter_index": index})
+    got = decoder.step(ids, mask, decoder.start(len(ids)))[0]  # a prefill through the empty cache
     lora = PeftModel.from_pretrained(_base_model(mixed["base"]), str(mixed["folders"][0])).eval()
     for row, j in enumerate(index):
         keep = mask[row].astype(bool)
