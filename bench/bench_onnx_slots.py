@@ -127,9 +127,9 @@ def main() -> None:
         m1, m6 = mora[(1, 1)], mora[(6, 1)]
         graphs = {}
         for name, ads in (("lora", [lora[16], lora[8]]), ("mora1", [m1, mora[(1, 2)]]), ("mora6", [m6, mora[(6, 2)]])):
-            graphs[name] = export_slots_onnx(base, ads, tmp / f"slots-{name}", provider="cpu")
+            graphs[name] = export_slots_onnx(base, ads, tmp / f"slots-{name}", provider="cpu", kv_cache=False)
         eight = [lora[4], lora[8], lora[16], lora[32], mora[(1, 1)], mora[(1, 2)], mora[(6, 1)], mora[(6, 2)]]
-        mixed = export_slots_onnx(base, eight, tmp / "mixed", mixed=True, provider="cpu")
+        mixed = export_slots_onnx(base, eight, tmp / "mixed", mixed=True, provider="cpu", kv_cache=False)
         for name, ad in (("lora", lora[16]), ("mora1", m1), ("mora6", m6)):
             export_merged_onnx(base, [ad], [1.0], tmp / f"merged-{name}", provider="cpu", validate=False,
                                kv_cache=False)  # compared with the (plain) slots graphs at 1x128

@@ -531,6 +531,8 @@ ROWS: list[Row] = [
         "eos_token_id"),
     Row("generate-config-dup-key", GEN, graph_file("config.json", '{"vocab_size": 96, "vocab_size": 8}'), "twice"),
     Row("generate-genai-without-config", (*GEN, "--engine", "genai"), graph, "genai_config.json"),
+    Row("generate-adapter-not-slots", (*GEN, "--adapter", "{case}/a.onnx_adapter"), graph, "not a slots graph"),
+    Row("generate-adapter-ref-not-slots", (*GEN, "--adapter", "team/a:1"), graph, "not a slots graph"),
     Row("generate-genai-side-file-symlink", (*GEN, "--engine", "genai"),
         graph_side_symlink("tokenizer_config.json", genai=True), "symbolic link"),
 
