@@ -109,6 +109,7 @@ def export_slots_onnx(base_dir: Path, adapters: list[Adapter], out_dir: Path, *,
                       on_stage: StageFn | None = None, external_data: bool | None = None,
                       hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Export the base at `base_dir` with slots for `adapters` (or, `mixed`, with them stacked inside).
+
     `hub` ({"repo", "commit"}): the base came from the Hugging Face Hub; export.json records it.
 
     `kv_cache` as in `export_merged_onnx`: None gives decoders the KV-cache signature
