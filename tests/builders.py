@@ -386,3 +386,22 @@ def write_bpe_tokenizer(folder: Path, vocab_size: int = BPE_VOCAB) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                             eos_token="<|endoftext|>").save_pretrained(str(folder))
     return folder
+
+
+def swap_key_and_value_presents(monkeypatch) -> None:
+    """A cache bug for the generation checks: KV graphs return each layer's key and value swapped.
+
+    Every prefill stays exact (the past is empty); only decoding through the cache shows it.
+    """
+    import exporters.onnx_graph as og_mod
+
+    real_forward = og_mod.KVCacheWrapper.forward
+
+    def swapped(self, input_ids, attention_mask, position_ids, past):
+        logits, *present = real_forward(self, input_ids, attention_mask, position_ids, past)
+        out = []
+        for i in range(0, len(present), 2):
+            out += [present[i + 1], present[i]]
+        return (logits, *out)
+
+    monkeypatch.setattr(og_mod.KVCacheWrapper, "forward", swapped)

@@ -23,6 +23,7 @@ from mora_core.adapter import load_adapter
 from tests.builders import (
     BPE_VOCAB,
     linear_shapes,
+    swap_key_and_value_presents,
     write_bpe_tokenizer,
     write_lora_adapter,
     write_model_base,
@@ -178,18 +179,7 @@ def test_bad_generation_input_is_a_generation_error(kv_export):
 def test_a_cache_bug_is_caught_by_the_generation_comparison(root, monkeypatch):
     """Presents returned with key and value swapped: every prefill is exact (the past is empty),
     only decoding through the cache shows it. Validation must fail and leave nothing behind."""
-    import exporters.onnx_graph as og_mod
-
-    real_forward = og_mod.KVCacheWrapper.forward
-
-    def swapped(self, input_ids, attention_mask, position_ids, past):
-        logits, *present = real_forward(self, input_ids, attention_mask, position_ids, past)
-        out = []
-        for i in range(0, len(present), 2):
-            out += [present[i + 1], present[i]]
-        return (logits, *out)
-
-    monkeypatch.setattr(og_mod.KVCacheWrapper, "forward", swapped)
+    swap_key_and_value_presents(monkeypatch)
     base, folders, weights = _inputs(root, "qwen2")
     out = root / "qwen2-swapped"
     with pytest.raises(ValidationFailed) as err:

@@ -22,6 +22,7 @@ from exporters.slots import export_slots_onnx, pack_adapter
 from mora_core.adapter import load_adapter
 from tests.builders import (
     linear_shapes,
+    swap_key_and_value_presents,
     write_lora_adapter,
     write_model_base,
     write_mora_adapter,
@@ -138,18 +139,7 @@ def test_cli_generate_bad_adapter_is_one_line(slots, args, message):
 
 def test_a_cache_bug_in_a_slots_graph_fails_its_generation_check(slots, monkeypatch):
     """Presents with key and value swapped: prefills are exact (empty past), only generating shows it."""
-    import exporters.onnx_graph as og_mod
-
-    real_forward = og_mod.KVCacheWrapper.forward
-
-    def swapped(self, input_ids, attention_mask, position_ids, past):
-        logits, *present = real_forward(self, input_ids, attention_mask, position_ids, past)
-        out = []
-        for i in range(0, len(present), 2):
-            out += [present[i + 1], present[i]]
-        return (logits, *out)
-
-    monkeypatch.setattr(og_mod.KVCacheWrapper, "forward", swapped)
+    swap_key_and_value_presents(monkeypatch)
     out = slots["root"] / "swapped"
     with pytest.raises(ValidationFailed, match="generation") as err:
         export_slots_onnx(slots["base"], [load_adapter(slots["lora"])], out)
