@@ -165,7 +165,6 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     started = time.perf_counter()
     opts.check(output=False)
     weights = opts.weight_list()
-    from exporters.inputs import resolve_adapters
     from exporters.outputs import replace_folder
     from exporters.recipe import BaseDigests, register_output
     from mora_core.checkpoint import open_checkpoint
@@ -180,6 +179,12 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         registry = _RegistryHandle(opts.home, opts.db_url, opts.blob_url)
         stack.callback(registry.close)
         checkpoint = open_checkpoint(base_dir)  # once: merge, export and recipe share it
+        base_digests = None
+        if opts.registers:  # what the store's cache lacks is hashed from now on, beside torch's import and the merge
+            base_digests = BaseDigests(registry.existing(), checkpoint.paths)
+            stack.callback(base_digests.cancel)  # a failed run does not wait for the hash (no-op once done)
+        from exporters.inputs import resolve_adapters  # imports torch
+
         resolved = resolve_adapters(opts.adapters, base_dir, registry.get, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         reclaimed = _reclaim(registry, final) if opts.registers and not opts.replace_output else []
@@ -192,10 +197,6 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         if opts.registers:  # recorded before the first byte: a kill leaves a known, cleanable output
             token = registry.get(create=True).begin_output(final, opts.target)
             stack.callback(_end_unless_registered, registry, token)
-        base_digests = None
-        if opts.registers:  # hashed (or found in the store's cache) while the merge runs
-            base_digests = BaseDigests(registry.get, checkpoint.paths)
-            stack.callback(base_digests.join)  # before the registry closes (callbacks run last-in first)
         card = _output_card(opts, checkpoint, resolved, weights,
                             {"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
         if opts.target == "safetensors":
@@ -218,7 +219,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
                 kv_cache=None if opts.kv_cache else False)}
         if base_digests is not None:
             opts.stage("hashing the base (for the record)")
-        base_files = base_digests.result() if base_digests is not None else {}  # the thread is done with the store
+        base_files = base_digests.result(registry.get()) if base_digests is not None else {}
         if replacing:
             replace_folder(build, final)
             summary["output"] = str(final)
@@ -259,13 +260,8 @@ def _output_card(opts: MergeOptions, checkpoint: Any, resolved: list, weights: l
 def _reclaim(registry: _RegistryHandle, final: Path) -> list[str]:
     """Remove what a killed merge to the same output left (registry.outputs.reclaim); [] if the
     store does not exist yet (nothing can have been recorded there)."""
-    from registry.errors import StoreMissing
-
-    try:
-        reg = registry.get()
-    except StoreMissing:
-        return []
-    return reg.reclaim_output(final)
+    reg = registry.existing()
+    return reg.reclaim_output(final) if reg is not None else []
 
 
 def _end_unless_registered(registry: _RegistryHandle, token: int) -> None:
@@ -323,6 +319,15 @@ class _RegistryHandle:
 
             self._reg = Registry.open(self._home, self._db_url, blob_url=self._blob_url, create=create)
         return self._reg
+
+    def existing(self):
+        """The store, or None when it does not exist yet (nothing is created)."""
+        from registry.errors import StoreMissing
+
+        try:
+            return self.get()
+        except StoreMissing:
+            return None
 
     def close(self) -> None:
         if self._reg is not None:

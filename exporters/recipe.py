@@ -10,16 +10,16 @@ Nothing here reads a weight file:
   side-file copier, the ONNX recipe) and are passed to `register_artifact(files=...)`;
 - the base's digests come from `Registry.file_digests`, a cache keyed by file identity
   (path, size, mtime_ns, inode): the first merge of a base hashes it once, later merges
-  of the same unchanged files hash nothing. `BaseDigests` starts that work in a thread
-  so that a first merge overlaps it (hashlib releases the GIL); the registry handle is
-  only used by that thread while the caller does not use it.
+  of the same unchanged files hash nothing. `BaseDigests` hashes what the cache does not
+  answer in a thread that never touches the database, so that a first merge overlaps it
+  (hashlib releases the GIL).
 """
 
 from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,39 +46,43 @@ def tool_versions() -> dict[str, str]:
 
 
 class BaseDigests:
-    """`registry().file_digests(paths)` computed in a background thread, joined by `result()`.
+    """The base's file digests, hashed in a background thread while the caller goes on.
 
-    `registry` is a callable returning the run's one Registry handle, called in the thread:
-    when nothing opened the store yet (adapters given as folders), opening it (importing
-    SQLAlchemy, checking the schema) overlaps the merge too, whose loop runs mostly
-    outside the GIL (tensor kernels, hashing, writes). Contract: the caller does not use
-    the registry between construction and `join()`/`result()` (a handle is not shared
-    between threads). Errors in the thread are re-raised by `result()`.
+    Construction asks the store's cache (`registry.lookup_file_digests`, one query, in the
+    caller's thread; a store that does not exist yet answers nothing) and starts a thread
+    that hashes only the files it did not answer: that thread reads files and never
+    touches the database, so the caller keeps its one registry handle. A merge starts it
+    before importing torch, so the hashing (hashlib releases the GIL) overlaps the import
+    and the merge. `result(registry)` joins and records the fresh digests; `cancel()` stops
+    the thread at its next buffer (a failed run does not wait for a whole hash).
     """
 
-    def __init__(self, registry: Callable[[], Any], paths: Sequence[Path]):
-        self._value: dict[str, str] | None = None
+    def __init__(self, registry: Any | None, paths: Sequence[Path]):
+        from registry.file_digests import lookup
+
+        self._pending = registry.lookup_file_digests(paths) if registry is not None else lookup(None, paths)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(registry, list(paths)),
-                                        name="base-digests", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="base-digests", daemon=True)
         self._thread.start()
 
-    def _run(self, registry: Callable[[], Any], paths: list[Path]) -> None:
+    def _run(self) -> None:
         try:
-            self._value = registry().file_digests(paths)
+            self._pending.hash()
         except BaseException as exc:  # handed to the caller's thread
             self._error = exc
 
-    def join(self) -> None:
-        """Wait for the thread (an error stays for `result()`)."""
+    def cancel(self) -> None:
+        """Stop hashing (at the next buffer) and wait for the thread."""
+        self._pending.cancel()
         self._thread.join()
 
-    def result(self) -> dict[str, str]:
-        """The digests, {file name: `sha256:<hex>`}; re-raises the thread's error."""
+    def result(self, registry: Any) -> dict[str, str]:
+        """The digests, {file name: `sha256:<hex>`}, recorded in `registry`'s cache; re-raises
+        the thread's error."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return dict(self._value or {})
+        return registry.finish_file_digests(self._pending)
 
 
 def build_recipe(kind: str, checkpoint: Checkpoint, base_digests: dict[str, str], adapters: Sequence[Any],

@@ -15,8 +15,10 @@ in `exporters`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -197,18 +199,19 @@ def stream_merge(
     writer.start(layout)
     workspace = _Workspace(ACCUMULATE[accumulate])
     done = 0
-    for shard in layout:
-        for planned in shard:
-            src_file, src_name = sources[planned.name]
-            info = src_file.tensors[src_name]
-            ops = plan.ops.get(planned.name, [])
-            if not ops and planned.dtype == info.dtype and src_name == planned.name:
-                writer.copy(planned, src_file, src_name)
-            else:
-                writer.write(planned, workspace.merge(src_file, src_name, ops, planned))
-            done += planned.nbytes
-            if progress:
-                progress(done, total_bytes, planned.name)
+    with kernel_threads(spare_one_core()):
+        for shard in layout:
+            for planned in shard:
+                src_file, src_name = sources[planned.name]
+                info = src_file.tensors[src_name]
+                ops = plan.ops.get(planned.name, [])
+                if not ops and planned.dtype == info.dtype and src_name == planned.name:
+                    writer.copy(planned, src_file, src_name)
+                else:
+                    writer.write(planned, workspace.merge(src_file, src_name, ops, planned))
+                done += planned.nbytes
+                if progress:
+                    progress(done, total_bytes, planned.name)
     return MergeStats(
         tensors_total=sum(len(s) for s in layout),
         tensors_merged=len(plan.ops),
@@ -223,6 +226,37 @@ def stream_merge(
         max_abs_delta_tensor=workspace.max_delta_name,
         dtypes=sorted({FLOAT_NAMES[t.dtype] for s in layout for t in s if t.dtype in FLOAT_NAMES}),
     )
+
+
+def spare_one_core() -> int:
+    """Intra-op threads for the merge loop: the CPUs this process may use, less one.
+
+    The loop's kernels (dtype casts, fused adds, the finiteness check) are memory-bound
+    passes of a few milliseconds each, and a writer works beside them (the hash thread,
+    the kernel's writes): on 2 CPUs, torch's second OpenMP thread only contends with
+    them, and every parallel region then waits at its barrier for a thread the
+    scheduler gave away (measured: 2-4x the CPU time of one thread, several times its
+    wall time on a loaded machine, same results).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus - 1))
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` for the block, restored after it."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Workspace:

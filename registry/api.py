@@ -44,7 +44,8 @@ from registry.config import resolve_home, resolve_url, sqlite_file
 from registry.db import Database, ensure_schema, is_sqlite
 from registry.digests import manifest_digest
 from registry.errors import IntegrityError, RegistryError
-from registry.file_digests import file_digests
+from registry.file_digests import PendingDigests, file_digests
+from registry.file_digests import lookup as lookup_digests
 from registry.folders import check_base
 from registry.hub import base_identity, resolve_base
 from registry.info import ArtifactInfo, GcReport, VerifyReport, VersionInfo
@@ -173,6 +174,15 @@ class Registry:
         """{file name: `sha256:<hex>`} of local files, hashing only those whose (path, size,
         mtime_ns, ctime_ns, inode) is not cached in the store; names must be distinct."""
         return file_digests(self.db, paths, progress)
+
+    def lookup_file_digests(self, paths: Sequence[str | Path]) -> PendingDigests:
+        """`file_digests` in steps: what the cache answers now; `.hash()` reads the other files
+        (no database: any thread), `finish_file_digests` records them and answers all."""
+        return lookup_digests(self.db, paths)
+
+    def finish_file_digests(self, pending: PendingDigests) -> dict[str, str]:
+        """The last step of `lookup_file_digests`: {file name: `sha256:<hex>`}, in order."""
+        return pending.finish(self.db)
 
     # ------------------------------------------------------------------ artifacts and lineage
     def register_artifact(self, *, kind: str, path: Path, files: dict[str, str] | None = None,

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +61,66 @@ class Identity:
 def file_digests(db: Database, paths: Sequence[str | Path], progress: Progress | None = None) -> dict[str, str]:
     """{file name: `sha256:<hex>`} for `paths`, in their order, hashing only files whose cached
     identity does not match. File names must be distinct (they are the keys)."""
+    pending = lookup(db, paths)
+    pending.hash(progress)
+    return pending.finish(db)
+
+
+class Cancelled(RegistryError):
+    """`PendingDigests.hash` was stopped by `cancel()`."""
+
+
+@dataclass
+class PendingDigests:
+    """One `file_digests` answer in three steps, so that the hashing may run on another thread
+    while the caller alone keeps the store handle: `lookup` (one query), `hash()` (reads files,
+    never the database; any thread), `finish(db)` (records what was hashed, returns all).
+    A merge starts the hashing before it imports torch, so the two overlap."""
+
+    names: list[str]
+    known: dict[str, str]
+    todo: list[tuple[Path, str, Identity]]
+    fresh: list[FileDigest] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def hash(self, progress: Progress | None = None) -> None:
+        """Hash every file the cache did not answer; RegistryError if one changes meanwhile,
+        `Cancelled` once `cancel()` was called (checked every buffer)."""
+        def step(n: int) -> None:
+            if self._stop.is_set():
+                raise Cancelled("file hashing cancelled")
+            if progress:
+                progress(n)
+
+        for p, key, ident in self.todo:
+            started = time.time_ns()
+            digest, size = hash_file(p, step)
+            if Identity.of(_stat(p)) != ident or size != ident.size:
+                raise RegistryError(f"{p}: changed while it was being hashed; try again")
+            self.known[p.name] = digest
+            if not ident.racy(started):
+                self.fresh.append(FileDigest(path=key, size=ident.size, mtime_ns=ident.mtime_ns,
+                                             ctime_ns=ident.ctime_ns, inode=ident.inode, digest=digest,
+                                             hashed=datetime.now(timezone.utc)))
+        self.todo = []
+
+    def cancel(self) -> None:
+        """Stop a `hash()` running in another thread at its next buffer."""
+        self._stop.set()
+
+    def finish(self, db: Database | None) -> dict[str, str]:
+        """Record the fresh digests in `db` (None: nowhere) and return {name: digest} in order."""
+        if self.todo:
+            raise RegistryError("file digests: hash() has not finished")
+        if self.fresh and db is not None:
+            _store(db, self.fresh)
+        self.fresh = []
+        return {n: self.known[n] for n in self.names}
+
+
+def lookup(db: Database | None, paths: Sequence[str | Path]) -> PendingDigests:
+    """Stat `paths` and take what the cache of `db` answers (None: a store that does not exist
+    yet answers nothing); the rest is left for `PendingDigests.hash`."""
     given = [Path(p) for p in paths]
     names = [p.name for p in given]
     if len(set(names)) != len(names):
@@ -67,25 +128,16 @@ def file_digests(db: Database, paths: Sequence[str | Path], progress: Progress |
         raise RegistryError(f"file digests: two paths end in the same file name {dup!r}")
     keys = [str(p.resolve()) for p in given]
     idents = [Identity.of(_stat(p)) for p in given]
-    cached = _lookup(db, keys)
-    out: dict[str, str] = {}
-    fresh: list[FileDigest] = []
+    cached = _lookup(db, keys) if db is not None else {}
+    known: dict[str, str] = {}
+    todo: list[tuple[Path, str, Identity]] = []
     for p, key, ident in zip(given, keys, idents):
         hit = cached.get(key)
         if hit is not None and hit[0] == ident:
-            out[p.name] = hit[1]
-            continue
-        started = time.time_ns()
-        digest, size = hash_file(p, progress)
-        if Identity.of(_stat(p)) != ident or size != ident.size:
-            raise RegistryError(f"{p}: changed while it was being hashed; try again")
-        out[p.name] = digest
-        if not ident.racy(started):
-            fresh.append(FileDigest(path=key, size=ident.size, mtime_ns=ident.mtime_ns, ctime_ns=ident.ctime_ns,
-                                    inode=ident.inode, digest=digest, hashed=datetime.now(timezone.utc)))
-    if fresh:
-        _store(db, fresh)
-    return out
+            known[p.name] = hit[1]
+        else:
+            todo.append((p, key, ident))
+    return PendingDigests(names, known, todo)
 
 
 def prune(s) -> int:

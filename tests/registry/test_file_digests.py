@@ -207,3 +207,34 @@ def test_a_store_before_the_cache_upgrades_itself_and_keeps_its_versions(tmp_pat
         assert reg.resolve("x").digest == v.digest and reg.verify().ok
         p = make_adapter("a") / "adapter_model.safetensors"
         assert reg.file_digests([p]) == {p.name: _sha(p)}
+
+
+def test_digests_in_steps_hash_outside_the_database_and_can_be_cancelled(reg, tmp_path):
+    """lookup (cache) -> hash (files only) -> finish (records): the same answer as file_digests,
+    the cached file not read again; cancel() stops a hash at its next buffer."""
+    from registry.copying import BUFFER
+    from registry.file_digests import Cancelled
+
+    files = _files(tmp_path / "base")
+    big = tmp_path / "base" / "model-big.safetensors"
+    big.write_bytes(os.urandom(BUFFER + 1))
+    files.append(big)
+    _settle()
+    reg.file_digests(files[:1])
+    _forge(reg, files[0])
+    pending = reg.lookup_file_digests(files)
+    assert [p.name for p, _, _ in pending.todo] == [p.name for p in files[1:]]
+    pending.hash()
+    got = reg.finish_file_digests(pending)
+    assert got == {files[0].name: FORGED, **{p.name: _sha(p) for p in files[1:]}}
+    assert _rows(reg)[str(big.resolve())] == _sha(big)  # recorded by finish
+
+    stopped = reg.lookup_file_digests(files[1:])
+    assert stopped.todo == []  # all cached now
+    _forge(reg, big, size=1)  # a stale row: the big file is hashed again
+    stopped = reg.lookup_file_digests([big])
+    stopped.cancel()
+    with pytest.raises(Cancelled):
+        stopped.hash()
+    with pytest.raises(RegistryError, match="not finished"):
+        reg.finish_file_digests(stopped)
