@@ -49,6 +49,17 @@ def needs_base(ops: Sequence[tuple[DeltaOp, float]]) -> bool:
     return any(op.needs_base for op, _ in ops)
 
 
+def footprint(ops: Sequence[tuple[DeltaOp, float]]) -> list[tuple[slice, slice]] | None:
+    """The rectangles some op of `ops` touches (overlaps allowed); None if one touches all."""
+    rects: list[tuple[slice, slice]] = []
+    for op, _ in ops:
+        mine = op.footprint()
+        if mine is None:
+            return None
+        rects += mine
+    return rects
+
+
 def apply_ops(w: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]], base: torch.Tensor | None) -> None:
     """`w += sum weight * dW` in place; `base` is the original tensor (None: `w` is still it)."""
     reference = base if base is not None else w
@@ -284,7 +295,12 @@ class _Workspace:
 
     def merge(self, src: SafetensorsFile, src_name: str, ops: Sequence[tuple[DeltaOp, float]],
               planned: PlannedTensor) -> torch.Tensor:
-        """Read, merge and cast one tensor; the result is valid until the next call."""
+        """Read, merge and cast one tensor; the result is valid until the next call.
+
+        When every op declares a footprint and the dtype is kept, only the footprint goes
+        through the float32 working copy (`_merge_footprint`): MoRA type 6 touches about
+        r_hat/in of a tensor, and widening then rounding back the rest changes no byte.
+        """
         info = src.tensors[src_name]
         out_dtype = torch_dtype(planned.dtype)
         out_bytes = info.numel * out_dtype.itemsize
@@ -297,15 +313,38 @@ class _Workspace:
                 return out
             self._work = self._grow(self._work, info.numel)
             w = self._work[: info.numel].view(info.shape)
-            w.copy_(raw)
-            apply_ops(w, ops, raw if needs_base(ops) else None)
-            delta = self._cast_measured(w, raw, out, planned.name)
+            rects = footprint(ops) if out_dtype == raw.dtype and not needs_base(ops) else None
+            if rects is None:
+                w.copy_(raw)
+                apply_ops(w, ops, raw if needs_base(ops) else None)
+                delta = self._cast_measured(w, raw, out, planned.name)
+            else:
+                delta = self._merge_footprint(w, raw, out, ops, rects, planned.name)
             del raw
         if delta > 0:
             self.changed += 1
         if delta > self.max_delta:
             self.max_delta, self.max_delta_name = delta, planned.name
         return out
+
+    @staticmethod
+    def _merge_footprint(w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]],
+                         rects: list[tuple[slice, slice]], name: str) -> float:
+        """`out <- raw + sum dW` when the ops touch only `rects` and the dtype is kept: the
+        rectangles go through `w` (widened, added, cast once), the rest is the base's own
+        bytes, which is what widening and rounding back would give. Returns max |dW| applied."""
+        for rows, cols in rects:
+            w[rows, cols].copy_(raw[rows, cols])
+        apply_ops(w, ops, None)
+        out.copy_(raw)
+        top = 0.0
+        for rows, cols in rects:
+            a = w[rows, cols]
+            out[rows, cols].copy_(a)
+            lo, hi = torch.aminmax(a - raw[rows, cols])
+            top = max(top, -float(lo), float(hi))
+        check_finite(out, name)  # the base's values outside the rectangles too, as a full cast would
+        return top
 
     def _cast_measured(self, w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, name: str) -> float:
         """`out <- w` (cast once), refusing a non-finite result, and max |w - raw|: the dW applied.

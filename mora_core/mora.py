@@ -181,6 +181,31 @@ class MoraOperator:
         return y[..., self.decompress_map.to(x.device)]
 
     # ------------------------------------------------------------------ fused merge
+    def footprint(self) -> list[tuple[slice, slice]] | None:
+        """The rectangles `(rows, cols)` of the `[out, in]` weight that `add_into` reads and
+        writes; None when it is all of it. Type 6 touches only its diagonal blocks (row block
+        `i` on input block `i mod n_blocks`, wrapped columns split in contiguous runs), so a
+        merge need not widen and round the rest of the tensor (its cast back is the identity).
+        """
+        if self.mora_type != 6:
+            return None
+        r, in_f, out_f = self.r_hat, self.in_features, self.out_features
+        used = min(self.n_blocks, -(-out_f // r))
+        rects: list[tuple[slice, slice]] = []
+        for row0 in range(0, out_f, self.n_blocks * r):
+            for b in range(used):
+                top = row0 + b * r
+                if top >= out_f:
+                    break
+                rows = slice(top, min(top + r, out_f))
+                k = 0
+                while k < r:  # the same column runs as `_add_block`
+                    c = (b * r + k) % in_f
+                    span = min(r - k, in_f - c)
+                    rects.append((rows, slice(c, c + span)))
+                    k += span
+        return rects
+
     def add_into(self, w: torch.Tensor, m: torch.Tensor, weight: float = 1.0) -> None:
         """`w += weight * delta(m)` in place, for `w` of shape `[out, in]` (any strides).
 

@@ -12,7 +12,9 @@ An op is bound to a base tensor (its name and stored shape). Every op answers ev
 - `attach(module, param_name, weight) -> undo`: apply the op to a live torch module without
   merging (a forward branch for low-rank ops, an in-place substitution for full tensors);
 - `needs_base`: whether `add_into` reads the original base tensor (the merge loop keeps a
-  pristine copy only then).
+  pristine copy only then);
+- `footprint()`: the rectangles of the tensor `add_into` reads and writes (None: all), so
+  the merge widens to float32 only those (MoRA type 6: its diagonal blocks).
 
 The merge loop and the unmerged forward only ever call these, so the math of each
 adapter kind lives in exactly one place.
@@ -59,6 +61,11 @@ class DeltaOp(ABC):
     @abstractmethod
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The unmerged branch: `module(x; W + dW) - module(x; W)` for the module's input `x`."""
+
+    def footprint(self) -> list[tuple[slice, slice]] | None:
+        """The rectangles `(rows, cols)` of the stored 2-D tensor that `add_into` reads and
+        writes (the rest of `w` may hold anything and is left alone); None: the whole tensor."""
+        return None
 
     def attach(self, module: torch.nn.Module, param_name: str, weight: float) -> Undo:
         """Add `weight * forward(x, W)` to `module`'s output (a forward hook); returns the undo.
@@ -161,6 +168,12 @@ class MoraOp(DeltaOp):
 
     def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
         self.operator.add_into(_logical(w, self.fan_in_fan_out), self.m, weight)
+
+    def footprint(self) -> list[tuple[slice, slice]] | None:
+        rects = self.operator.footprint()  # logical [out, in]
+        if rects is None or not self.fan_in_fan_out:
+            return rects
+        return [(cols, rows) for rows, cols in rects]
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return self.operator.forward(x, self.m.to(x.dtype))
