@@ -43,11 +43,15 @@ def write_adapter_file(path: Path, params: Mapping[str, np.ndarray], model_versi
 
 
 def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
-    """The parameters of an adapter file, as numpy arrays."""
+    """The parameters of an adapter file, as numpy arrays that own their memory.
+
+    `OrtValue.numpy()` of a read adapter is a view of memory the OrtValue owns, freed with
+    it: the arrays are copied while the values are alive (a view read garbage once they
+    were collected)."""
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat.read_adapter(str(path))
-    return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+    return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
 
 
 class Activation:

@@ -140,3 +140,22 @@ def test_pack_that_fails_validation_keeps_nothing(tmp_path, monkeypatch):
     with pytest.raises(ValidationFailed, match="validation failed on cpu"):
         pack_adapter(load_adapter(folder), graph, root / "m.onnx_adapter")
     assert [p.name for p in root.iterdir() if "onnx_adapter" in p.name] == []
+
+
+def test_adapter_file_read_back_owns_its_arrays(tmp_path):
+    """read_adapter_file's arrays stay valid after ONNX Runtime released the values they came from
+    (they used to be views of freed memory: garbage once it was reused)."""
+    import gc
+
+    from exporters.ort_adapter import read_adapter_file, write_adapter_file
+
+    g = np.random.default_rng(0)
+    params = {f"m{i}.lora_B": g.standard_normal((48, 6)).astype(np.float32) for i in range(4)}
+    write_adapter_file(tmp_path / "a.onnx_adapter", params)
+    got = read_adapter_file(tmp_path / "a.onnx_adapter")
+    churn = [np.full((48, 6), 7.0, np.float32) for _ in range(500)]  # reuse whatever was freed
+    gc.collect()
+    assert all(a.flags["OWNDATA"] or a.base is None or isinstance(a.base, np.ndarray) for a in got.values())
+    for k, v in params.items():
+        np.testing.assert_array_equal(got[k], v)
+    del churn
