@@ -132,10 +132,10 @@ class MergeOptions:
 
     def check_output(self) -> None:
         """`ExportError` if anything exists at the output (an empty folder too) unless it is to be replaced."""
-        out = Path(self.out_dir)
-        if not self.replace_output and (out.exists() or out.is_symlink()):
-            raise ExportError(f"{out}: already exists (an empty folder too); give a new path: "
-                              "the output appears there, complete, in one rename")
+        if not self.replace_output:
+            from exporters.outputs import refuse_existing
+
+            refuse_existing(Path(self.out_dir))
 
     @property
     def registers(self) -> bool:
