@@ -151,6 +151,8 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
     token_ids = [int(i) for i, m in zip(enc.ids, enc.attention_mask) if m]
     summary: dict[str, Any] = {"model": str(graph), "provider": used, "requested_provider": provider,
                                "input_ids": token_ids, "output": out_name, "task": recipe.get("task")}
+    if tok is not None:  # each input token as text (--ids too, when the export carries a tokenizer)
+        summary["input_tokens"] = [tok.decode([i]) for i in token_ids]
     if out_name == "logits":
         last = out[0, int(np.nonzero(real)[0][-1])]  # the last real token (a tokenizer may pad right)
         probs = np.exp(last - last.max())
@@ -168,7 +170,8 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
         emit_json(summary)
         return
     click.echo(f"provider  {used}")
-    click.echo(f"input     {len(token_ids)} tokens")
+    shown_input = " ".join(repr(t) for t in summary.get("input_tokens", []))
+    click.echo(f"input     {len(token_ids)} tokens" + (f": {_clip(shown_input, 100)}" if shown_input else ""))
     if "next_token" in summary:
         for rank, cand in enumerate(summary["next_token"], 1):
             shown = f"  {cand['token']!r}" if "token" in cand else ""
@@ -178,3 +181,8 @@ def _run(model: Path, text: str | None, ids: str | None, provider: str, top_k: i
         e = summary["embedding"]
         click.echo(f"embedding dim {e['dim']}, mean-pooled norm {e['mean_pooled_norm']:.4f}, "
                    f"first {e['first']}")
+
+
+def _clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters with an ellipsis (the JSON keeps every token)."""
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -123,8 +123,16 @@ def test_run_with_text_uses_the_copied_tokenizer(merged, files):
     out, _ = merged
     r = adapters("run", out, "--text", "w3 w14 w15", home=files["root"] / "h")
     assert r.code == 0, r.err
-    assert "provider  cpu" in r.out and "input     3 tokens" in r.out
+    assert "provider  cpu" in r.out and "input     3 tokens: 'w3' 'w14' 'w15'" in r.out
     assert "'w" in r.out  # decoded candidates
+    # the same ids given as --ids are shown as text too, decoded as the tokenizers library decodes them
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(files["base"] / "tokenizer.json"))
+    ids = tok.encode("w3 w14 w15").ids
+    r = adapters("run", out, "--ids", ",".join(map(str, ids)), "--json", home=files["root"] / "h")
+    assert r.code == 0, r.err
+    assert r.json()["input_tokens"] == [tok.decode([i]) for i in ids] == ["w3", "w14", "w15"]
 
 
 def test_run_on_an_encoder_prints_an_embedding_summary(files):
