@@ -74,7 +74,7 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
     from exporters.pipeline import MergeOptions, run_merge
     from registry.hub import is_hub_ref
 
-    # stages with their elapsed time on a TTY (quiet when piped or --json); bytes while merging
+    # stages with their elapsed time on a TTY (quiet when piped or --json); bytes while merging safetensors
     progress = ProgressLine(enabled=None if not as_json else False)
     opts = MergeOptions(
         adapters=list(adapters), base_dir=base_dir if is_hub_ref(base_dir) else Path(base_dir), target=target, out_dir=out_dir, weights=list(weights) or None,

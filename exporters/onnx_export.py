@@ -67,7 +67,7 @@ INT4_SHRINK = 4
 # weights above this go to external data (protobuf refuses messages over 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
 
-ProgressFn = Callable[[int, int, str], None]
+StageFn = Callable[[str], None]
 
 
 def export_merged_onnx(
@@ -84,7 +84,7 @@ def export_merged_onnx(
     validate: bool = True,
     kv_cache: bool | None = None,
     accumulate: str = "float32",
-    progress: ProgressFn | None = None,
+    on_stage: StageFn | None = None,
     external_data: bool | None = None,
     checkpoint: Checkpoint | None = None,
     finish: Callable[[Path, dict[str, Any]], dict[str, str]] | None = None,
@@ -100,6 +100,8 @@ def export_merged_onnx(
     `validate=False`), `seconds` (per stage). `external_data`: None decides by size
     (above 1 GiB of weights), True/False forces it. `finish(folder, summary)` adds
     files last, in the staged folder (the model card: `exporters.card.OutputCard`).
+    `on_stage(name)` is told as each long stage starts (building, exporting, quantising,
+    validating step by step, writing): the CLI shows it with its elapsed time. Nothing here prints.
 
     Raises `ExportError`/`MergeError` (one line naming the input) for bad input and
     `ValidationFailed` when validation fails; in both cases nothing exists at `out_dir`.
@@ -122,6 +124,8 @@ def export_merged_onnx(
 
     seconds: dict[str, float] = {}
     quantization: dict[str, Any] | None = None
+    stage = on_stage or (lambda name: None)
+    stage(f"building the merged model ({config.model_type}, {dtype})")
     t = time.perf_counter()
     # the model exists once, in the dtype it is exported in, holding the merged tensors (model_build)
     built = merged_model(config, checkpoint, adapters, weights, dtype=MODEL_DTYPES[dtype],
@@ -135,7 +139,6 @@ def export_merged_onnx(
         if problem:
             raise ValidationFailed(problem)
     seconds["merge"] = round(time.perf_counter() - t, 3)
-    _progress(progress, total, 1, "merged; exporting graph")
 
     with staged_output(out_dir) as tmp:
         t = time.perf_counter()
@@ -144,15 +147,17 @@ def export_merged_onnx(
         # before a small graph's weights are moved inline (onnx_weights) or int4 is quantised
         first = tmp / ".float32" / GRAPH_NAME if dtype == "int4" else tmp / GRAPH_NAME
         first.parent.mkdir(exist_ok=True)
+        stage("exporting the ONNX graph" + (" with a KV cache" if spec.kv_cache else "") + " (torch.onnx, dynamo)")
         real_opset = export_graph(built.model, spec, "float32" if dtype == "int4" else dtype, opset, first, True)
         built.model = None
         if dtype == "int4":
+            stage("quantising to int4 (MatMulNBits)")
             quantization = quantize_int4(first, tmp / GRAPH_NAME, use_external)
             shutil.rmtree(first.parent)
         elif not use_external:
+            stage("writing the weights into model.onnx")
             inline_weights(tmp / GRAPH_NAME)
         seconds["export"] = round(time.perf_counter() - t, 3)
-        _progress(progress, total, 2, "exported; validating")
 
         validation = None
         if validate:
@@ -162,11 +167,13 @@ def export_merged_onnx(
             reference = DeferredModel(config, lambda: merged_model(
                 config, checkpoint, adapters, weights, accumulate=ACCUMULATE[accumulate]).model)
             validation = validate_graph(tmp / GRAPH_NAME, spec, reference, BaseValues(built.layout, built.changed()),
-                                        adapters, weights, chosen, provider, atol_v, rtol_v, dtype)
+                                        adapters, weights, chosen, provider, atol_v, rtol_v, dtype,
+                                        on_stage=stage)
             seconds["validation"] = round(time.perf_counter() - t, 3)
             if not validation["passed"]:
                 raise ValidationFailed(validation["failure"])
 
+        stage("writing side files, export.json and the model card")
         digests = copy_side_files(checkpoint.root, tmp, {"tie_word_embeddings": False} if untied else None)
         if spec.kv_cache:
             digests[GENAI_CONFIG_NAME] = write_json(
@@ -178,7 +185,6 @@ def export_merged_onnx(
         if finish is not None:  # the model card (exporters.card), with the validation summary
             digests.update(finish(tmp, {"output": str(out_dir), "dtype": dtype, "opset": real_opset,
                                         "untied": untied, "validation": validation}))
-    _progress(progress, total, 3, "done")
     seconds["total"] = round(time.perf_counter() - started, 3)
     return {
         "output": str(out_dir),
@@ -207,11 +213,6 @@ def _check_arguments(adapters: Sequence[Adapter], weights: Sequence[float], out_
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
     refuse_existing(out_dir)
-
-
-def _progress(fn: ProgressFn | None, total: int, stage: int, what: str) -> None:
-    if fn is not None:
-        fn(total * stage // 3, total, what)
 
 
 def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], weights: Sequence[float],

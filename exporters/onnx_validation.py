@@ -18,7 +18,7 @@ Numerics (cases, criterion, per-case statistics) live in `exporters.validate`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +51,17 @@ def _cannot_run(provider: str, exc: BaseException) -> str:
 def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | DeferredModel,
                    restore: Mapping[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float],
                    provider: str,
-                   requested: str, atol: float, rtol: float, dtype: str) -> dict[str, Any]:
+                   requested: str, atol: float, rtol: float, dtype: str,
+                   on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
 
     `model` holds the merged weights (float32), or is a `DeferredModel` built after the
     ONNX Runtime session is closed (one of the two in memory at a time); `restore` maps every tensor the merge
     changed (and every untied alias) to its base value, for the unmerged reference. On
-    return `model` holds the base weights. The report is JSON-able.
+    return `model` holds the base weights. The report is JSON-able. `on_stage(name)` is told
+    as each step starts (running the graph, each PyTorch reference, generation).
     """
+    stage = on_stage or (lambda name: None)
     config = model.config
     task = spec.task
     out_name = OUTPUT_NAME[task]
@@ -66,6 +69,7 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
     cases = make_cases(int(config.vocab_size), max_len, PADDING_SIDE[task],
                        token_types="token_type_ids" in spec.input_names)
     try:
+        stage(f"validating: running the graph on {provider} ({len(cases)} shapes)")
         session = open_session(graph, provider)
         if spec.kv_cache:
             decoder = OrtDecoder(session)
@@ -78,6 +82,7 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
+    stage("validating: vs the merged PyTorch model")
     if isinstance(model, DeferredModel):  # built now: the session's memory is released
         model = model.build()
     wrapper = PlainWrapper(model, task).eval()
@@ -94,11 +99,13 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
     comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol,
                                                  norm=dtype == "int4")}
     # the same module, back to the base weights, with the adapters as unmerged branches
+    stage("validating: vs the base with the adapters unmerged")
     load_weights(model, restore)
     with apply_unmerged(model, adapters, weights):
         comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
                                                   torch_run, atol, rtol, norm=dtype == "int4")
         if spec.kv_cache:  # a second session, opened after the first was released
+            stage("validating: generation through the KV cache")
             try:
                 decoder = OrtDecoder(open_session(graph, provider))
                 comparisons["generation"] = compare_generation(

@@ -210,12 +210,11 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         else:
             from exporters.onnx_export import export_merged_onnx
 
-            opts.stage("merging, exporting to ONNX, validating")
             summary = {"to": "onnx", **export_merged_onnx(
                 base_dir, loaded, weights, build,
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
-                accumulate=opts.accumulate, progress=opts.progress, checkpoint=checkpoint, finish=card,
+                accumulate=opts.accumulate, on_stage=opts.on_stage, checkpoint=checkpoint, finish=card,
                 kv_cache=None if opts.kv_cache else False)}
         if base_digests is not None:
             opts.stage("hashing the base (for the record)")

@@ -7,10 +7,17 @@ import pty
 import re
 import subprocess
 
-from tests.builders import llama_like, mora_shapes, write_mora_adapter, write_tensor_base
+from tests.builders import (
+    linear_shapes,
+    llama_like,
+    mora_shapes,
+    write_model_base,
+    write_mora_adapter,
+    write_tensor_base,
+)
 from tests.cli_runner import ENTRY, process_env, run_adapters
 
-STAGE = re.compile(r"([a-z][a-z ,()'A-Z]+?) (\d+\.\d)s")
+STAGE = re.compile(r"(.+?) (\d+\.\d)s(  .*)?$")
 
 
 def run_on_pty(args: list[object], home) -> tuple[int, str, str]:
@@ -59,3 +66,23 @@ def test_merge_shows_stages_with_elapsed_time_on_a_tty_and_nothing_when_piped(tm
     # piped: the same merge says nothing on stderr
     p = run_adapters([*args, "-o", tmp_path / "out2"], home=tmp_path / "home")
     assert p.returncode == 0 and p.stderr == ""
+
+
+def test_onnx_export_and_validation_show_their_stages_ticking(tmp_path):
+    """The ONNX export itself (one long call that reports nothing) ticks its elapsed seconds;
+    validation names each comparison."""
+    base = write_model_base(tmp_path / "bert", "bert")
+    adapter = write_mora_adapter(tmp_path / "m", linear_shapes("bert"), mora_type=6, seed=1, scale=0.05)
+    code, out, tty = run_on_pty(["merge", adapter, "--base", base, "--to", "onnx", "-o", tmp_path / "out",
+                                 "--no-register"], tmp_path / "home")
+    assert code == 0, tty
+    seen = stages(tty)
+    expected = ["resolving the base and the adapters", "building the merged model (bert, float32)",
+                "exporting the ONNX graph (torch.onnx, dynamo)", "writing the weights into model.onnx",
+                "validating: running the graph on cpu (5 shapes)", "validating: vs the merged PyTorch model",
+                "validating: vs the base with the adapters unmerged",
+                "writing side files, export.json and the model card"]
+    assert [name for name in seen if name in expected] == expected, list(seen)  # in this order
+    export = seen["exporting the ONNX graph (torch.onnx, dynamo)"]
+    assert len(export) >= 2 and max(export) >= 0.5, export  # redrawn while torch.onnx.export runs
+    assert "validated" in out and "\r" not in out
