@@ -303,7 +303,7 @@ class MergeReport:
     untied: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # every output file -> sha256 (taken while written)
     tensors_changed: int = 0  # merged tensors whose values moved
-    max_abs_delta: float = 0.0  # max |W' - W| applied (accumulation dtype, before the cast)
+    max_abs_delta: float = 0.0  # max |W' - W| applied, as stored (output dtype)
     max_abs_delta_tensor: str | None = None
     dtype_requested: str = "auto"  # `dtype` is what the output holds ("auto" resolved)
 

@@ -41,7 +41,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 FLOAT_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-CAST_CHUNK = 1 << 18  # elements cast and measured at a time: the chunk is still in cache for the difference
 
 
 def needs_base(ops: Sequence[tuple[DeltaOp, float]]) -> bool:
@@ -79,8 +78,13 @@ def finish(w: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise `MergeError` naming the tensor if any element is NaN or Inf."""
     if not all_finite(t):
-        raise MergeError(f"merged tensor {name} is not finite in {str(t.dtype).replace('torch.', '')} "
-                         "(NaN or Inf; adapter weights too large for the dtype?)")
+        raise not_finite(name, t.dtype)
+
+
+def not_finite(name: str, dtype: torch.dtype) -> MergeError:
+    """The one error for a merged tensor with NaN or Inf in `dtype`."""
+    return MergeError(f"merged tensor {name} is not finite in {str(dtype).replace('torch.', '')} "
+                      "(NaN or Inf; adapter weights too large for the dtype?)")
 
 
 def merge_tensor(
@@ -157,7 +161,7 @@ class MergeStats:
     bytes_written: int
     untied: dict[str, str] = field(default_factory=dict)
     tensors_changed: int = 0  # merged tensors whose values moved (max |dW| > 0)
-    max_abs_delta: float = 0.0  # max |W' - W| over every merged tensor, in the accumulation dtype
+    max_abs_delta: float = 0.0  # max |W' - W| over every merged tensor, as stored (output dtype)
     max_abs_delta_tensor: str | None = None
     dtypes: list[str] = field(default_factory=list)  # the floating dtypes the output holds ("auto" resolved)
 
@@ -278,15 +282,16 @@ class _Workspace:
     that only grow; the base tensor itself is read in place through a short-lived memory
     map. The cast output alternates between two buffers, so the tensor handed to the
     writer stays intact while the next one is merged (a writer may hash it in the
-    background meanwhile). Peak: working copy + two outputs + the mapped tensor, i.e. at
-    most 5x the largest merged tensor in bf16.
+    background meanwhile). A third output-dtype buffer holds `W' - W` as stored, whose
+    ends give the finiteness check and the summary's max |dW|. Peak: working copy + three
+    outputs + the mapped tensor, i.e. at most 6x the largest merged tensor in bf16.
     """
 
     def __init__(self, accumulate: torch.dtype):
         self._work = torch.empty(0, dtype=accumulate)
         self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._turn = 0
-        self._diff = torch.empty(CAST_CHUNK, dtype=accumulate)
+        self._diff = torch.empty(0, dtype=torch.uint8)
         self.changed, self.max_delta, self.max_delta_name = 0, 0.0, None
 
     @staticmethod
@@ -347,19 +352,27 @@ class _Workspace:
         return top
 
     def _cast_measured(self, w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, name: str) -> float:
-        """`out <- w` (cast once), refusing a non-finite result, and max |w - raw|: the dW applied.
+        """`out <- w` (cast once), refusing a non-finite result (`MergeError`), and max |W' - W|
+        as stored (output dtype): the dW applied.
 
-        Chunk by chunk, so the difference reads `w` from cache: the same memory traffic as
-        a cast followed by the finiteness check (raw is read instead of out)."""
-        fw, fr, fo = w.reshape(-1), raw.reshape(-1), out.reshape(-1)
-        top = 0.0
-        for i in range(0, fw.numel(), CAST_CHUNK):
-            a, o = fw[i:i + CAST_CHUNK], fo[i:i + CAST_CHUNK]
-            o.copy_(a)
-            check_finite(o, name)
-            lo, hi = torch.aminmax(torch.sub(a, fr[i:i + CAST_CHUNK], out=self._diff[:a.numel()]))
-            top = max(top, -float(lo), float(hi))
-        return top
+        Its ends replace the finiteness check of `out`: with a finite base, `out - raw` is
+        finite exactly when `out` is (a non-finite base entry makes both non-finite). Whole-
+        tensor ops in one dtype (mixed-dtype arithmetic is ~5x slower here, and chunking
+        costs a thread synchronisation per op): one extra pass over the tensor."""
+        out.copy_(w)
+        if out.numel() == 0:
+            return 0.0
+        nbytes = out.numel() * out.element_size()
+        self._diff = buf = self._grow(self._diff, nbytes)
+        diff = buf[:nbytes].view(out.dtype).view(out.shape)
+        if raw.dtype != out.dtype:  # --dtype changes it: compare with the base in the output dtype
+            diff.copy_(raw)
+            raw = diff
+        torch.sub(out, raw, out=diff)
+        lo, hi = (float(x) for x in torch.aminmax(diff))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise not_finite(name, out.dtype)
+        return max(-lo, hi)
 
 
 def output_layout(checkpoint: Checkpoint, plan: MergePlan, dtype: str, max_shard_bytes: int | None
