@@ -17,7 +17,6 @@ fit the graph's slots is an `ExportError` naming the module.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
+from exporters.export_folder import present, read_json_object
 from exporters.genai_config import GENAI_CONFIG_NAME, genai_config, special_ids
 from exporters.hf_model import load_config, max_positions, task_of
 from exporters.model_build import merged_model
@@ -311,14 +311,11 @@ def _param_shape(slot, name: str) -> list:
 def read_slots_recipe(graph_dir: Path) -> dict[str, Any]:
     """export.json of a slots graph folder; `ExportError` when it is not one (or is a mixed graph)."""
     graph_dir = Path(graph_dir)
-    path = graph_dir / RECIPE_NAME
-    try:
-        recipe = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"--graph {graph_dir}: no {RECIPE_NAME} (not an exported graph folder)") from None
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"--graph {graph_dir}: {RECIPE_NAME} cannot be read ({exc})") from None
-    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT_SLOTS:
+    if not present(graph_dir, RECIPE_NAME):
+        raise ExportError(f"--graph {graph_dir}: no {RECIPE_NAME} (not an exported graph folder)")
+    # the folder rule and the strict JSON reader, as for every other file of an export folder
+    recipe = read_json_object(graph_dir, RECIPE_NAME, "export recipe")
+    if recipe is None or recipe.get("format") != FORMAT_SLOTS:
         raise ExportError(f"--graph {graph_dir}: not a slots graph (export it with adapters export --slots)")
     if recipe.get("mixed"):
         raise ExportError(f"--graph {graph_dir}: a mixed graph holds its adapters inside; it has no slots to fill")

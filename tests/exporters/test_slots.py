@@ -7,6 +7,7 @@ own forward (LoRA) or the unmerged MoRA forward run on that row alone.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,21 @@ def test_adapter_file_read_back_owns_its_arrays(tmp_path):
     for k, v in params.items():
         np.testing.assert_array_equal(got[k], v)
     del churn
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: None, "no export.json"),
+    (lambda p: p.write_text('{"format": "x", "format": "y"}'), "appears twice"),
+    (lambda p: p.write_text('{"format": NaN}'), "NaN"),
+    (lambda p: os.mkfifo(p), "not a regular file"),
+    (lambda p: p.write_text("[1, 2]"), "not a JSON object"),
+    (lambda p: p.write_text('{"format": "merged"}'), "not a slots graph"),
+])
+def test_graph_recipe_is_read_strictly(tmp_path, write, message):
+    """`pack --graph DIR` reads DIR/export.json under the folder rule and the strict JSON reader:
+    a FIFO never blocks, duplicate keys and NaN are refused, each as one ExportError."""
+    from exporters.slots import read_slots_recipe
+
+    write(tmp_path / "export.json")
+    with pytest.raises(ExportError, match=message):
+        read_slots_recipe(tmp_path)
