@@ -122,10 +122,19 @@ def pack(adapter: str, graph_dir: Path, out_file: Path, weight: float, base_dir:
     """
     from exporters.serve_pipeline import PackOptions, run_pack
 
+    progress = ProgressLine(enabled=None if not as_json else False)  # stage names, elapsed seconds
     opts = PackOptions(adapter=adapter, graph_dir=graph_dir, out_file=out_file, weight=weight, base_dir=base_dir,
                        provider=provider, atol=atol, rtol=rtol, allow_base_mismatch=allow_base_mismatch,
-                       home=Path(home) if home else None, db_url=db_url, register=register)
-    summary = run_guarded(lambda: run_pack(opts))
+                       home=Path(home) if home else None, db_url=db_url, register=register,
+                       on_stage=progress.stage)
+
+    def body() -> dict[str, Any]:
+        try:
+            return run_pack(opts)
+        finally:
+            progress.close()  # before an error line is printed: it must not share the progress line
+
+    summary = run_guarded(body)
     if as_json:
         emit_json(summary)
         return

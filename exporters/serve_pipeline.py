@@ -78,6 +78,7 @@ class PackOptions:
     home: Path | None = None
     db_url: str | None = None
     register: bool = True
+    on_stage: StageFn | None = field(default=None, repr=False)  # `(name)` as each long stage starts
 
     def check(self) -> None:
         w = self.weight
@@ -140,6 +141,8 @@ def run_pack(opts: PackOptions) -> dict[str, Any]:
     from exporters.recipe import tool_versions
     from exporters.slots import pack_adapter, read_slots_recipe
 
+    stage = opts.on_stage or (lambda name: None)
+    stage("resolving the graph, the base and the adapter")
     recipe = read_slots_recipe(opts.graph_dir)
     base_dir = _pack_base(opts, recipe)
     with contextlib.ExitStack() as stack:
@@ -147,10 +150,12 @@ def run_pack(opts: PackOptions) -> dict[str, Any]:
         stack.callback(registry.close)
         (resolved,) = resolve_adapters([opts.adapter], base_dir, registry.get, opts.allow_base_mismatch)
         summary = pack_adapter(resolved.adapter, opts.graph_dir, opts.out_file, weight=float(opts.weight),
-                               base_dir=base_dir, provider=opts.provider, atol=opts.atol, rtol=opts.rtol)
+                               base_dir=base_dir, provider=opts.provider, atol=opts.atol, rtol=opts.rtol,
+                               on_stage=opts.on_stage)
         summary["adapter"] = resolved.describe(float(opts.weight))
         graph = {"path": str(Path(opts.graph_dir).resolve()), "files": recipe["files"], "artifact": None}
         if opts.register:
+            stage("registering the artifact")
             graph["artifact"] = _graph_artifact(registry.get(), Path(opts.graph_dir))
             pack_recipe = {"kind": KIND_ADAPTER, "adapter": summary["adapter"], "weight": float(opts.weight),
                            "graph": graph, "dtype": summary["dtype"], "parameters": summary["parameters"],

@@ -326,12 +326,14 @@ def read_slots_recipe(graph_dir: Path) -> dict[str, Any]:
 
 def pack_adapter(adapter: Adapter, graph_dir: Path, out_file: Path, *, weight: float = 1.0,
                  base_dir: Path | None = None, provider: str = "auto", atol: float | None = None,
-                 rtol: float | None = None) -> dict[str, Any]:
+                 rtol: float | None = None, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the `.onnx_adapter` file of `adapter` at `weight` for the slots graph at `graph_dir`.
 
     The base model is the one recorded in the graph's export.json (or `base_dir`). Returns
-    a summary with the parameters written and the validation report.
+    a summary with the parameters written and the validation report. `on_stage(name)` is
+    told as each long stage starts (the CLI shows it with elapsed seconds; None: silent).
     """
+    stage = on_stage or (lambda name: None)
     graph_dir, out_file = Path(graph_dir), Path(out_file)
     recipe = read_slots_recipe(graph_dir)
     if out_file.exists():
@@ -344,6 +346,7 @@ def pack_adapter(adapter: Adapter, graph_dir: Path, out_file: Path, *, weight: f
     dtype = recipe["dtype"]
     atol_v, rtol_v = tolerances(dtype, atol, rtol)
     layout = SlotLayout.from_list(recipe["slots"])
+    stage("building the base model")
     base = BaseModel(base_path)
     spec = slot_spec(base.config, base.task, bool(recipe.get("kv_cache")))
     pairs = fit(adapter.label, bind(adapter, base.shapes), layout, str(graph_dir))
@@ -353,7 +356,9 @@ def pack_adapter(adapter: Adapter, graph_dir: Path, out_file: Path, *, weight: f
     params = parameters(pairs, weight, dtype)
     tmp = out_file.parent / f".{out_file.name}.check-{os.getpid()}{ADAPTER_SUFFIX}"
     try:
+        stage("writing the adapter file")
         write_adapter_file(tmp, params)
+        stage(f"validating vs base + {adapter.label} unmerged")
         validation = validate_adapter_files(graph_dir / GRAPH_NAME, base.model, spec,
                                             [(adapter.label, tmp)], [adapter], [weight], chosen, provider,
                                             atol_v, rtol_v, dtype)

@@ -86,3 +86,21 @@ def test_onnx_export_and_validation_show_their_stages_ticking(tmp_path):
     export = seen["exporting the ONNX graph (torch.onnx, dynamo)"]
     assert len(export) >= 2 and max(export) >= 0.5, export  # redrawn while torch.onnx.export runs
     assert "validated" in out and "\r" not in out
+
+
+def test_pack_shows_its_stages_on_a_tty(tmp_path):
+    """`adapters pack` (builds the base, writes the file, validates it) names its stages too."""
+    base = write_model_base(tmp_path / "base", "llama")
+    adapter = write_mora_adapter(tmp_path / "m", linear_shapes("llama"), mora_type=1, seed=3, scale=0.05)
+    p = run_adapters(["export", "--base", base, "--to", "onnx", "--slots", adapter, "--no-kv-cache",
+                      "-o", tmp_path / "graph", "--no-register"], home=tmp_path / "home")
+    assert p.returncode == 0, p.stderr
+    code, out, tty = run_on_pty(["pack", adapter, "--graph", tmp_path / "graph", "-o", tmp_path / "m.onnx_adapter",
+                                 "--no-register"], tmp_path / "home")
+    assert code == 0, tty
+    seen = stages(tty)
+    expected = ["resolving the graph, the base and the adapter", "building the base model",
+                "writing the adapter file"]
+    assert [name for name in seen if name in expected] == expected, list(seen)  # in this order
+    assert any(name.startswith("validating vs base + ") for name in seen), list(seen)
+    assert "validated" in out and "\r" not in out
