@@ -178,3 +178,21 @@ def test_graph_recipe_is_read_strictly(tmp_path, write, message):
     write(tmp_path / "export.json")
     with pytest.raises(ExportError, match=message):
         read_slots_recipe(tmp_path)
+
+
+def test_float16_slots_graph_validates_and_serves_a_packed_adapter(tmp_path):
+    """`--dtype float16`: the base weights and the slots are float16 in the graph, the export is
+    validated against the float32 unmerged reference (fp16 tolerances), and a packed MoRA type 6
+    file passes the same check."""
+    import onnx
+
+    base = write_model_base(tmp_path / "base", "llama")
+    folder = write_mora_adapter(tmp_path / "m6", linear_shapes("llama"), mora_type=6, seed=2, scale=0.05)
+    summary = export_slots_onnx(base, [load_adapter(folder)], tmp_path / "graph", dtype="float16")
+    assert summary["dtype"] == "float16" and summary["validation"]["passed"]
+    graph = onnx.load(str(tmp_path / "graph" / "model.onnx"), load_external_data=False)
+    kinds = {i.data_type for i in graph.graph.initializer if len(i.dims) == 2}
+    assert kinds == {onnx.TensorProto.FLOAT16}, kinds  # matrices (base and slots) are float16
+    packed = pack_adapter(load_adapter(folder), tmp_path / "graph", tmp_path / "m6.onnx_adapter")
+    assert packed["dtype"] == "float16" and packed["validation"]["passed"]
+    assert 0 < packed["validation"]["max_abs_diff"] < 0.02
