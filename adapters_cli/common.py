@@ -78,10 +78,19 @@ def _classify(exc: BaseException) -> int | None:
     return None
 
 
-def run_guarded(body: Callable[[], Any]) -> Any:
-    """Run a command body; library errors become one `error:` line and their exit code."""
+def run_guarded(body: Callable[[], Any], progress: ProgressLine | None = None) -> Any:
+    """Run a command body; library errors become one `error:` line and their exit code.
+
+    `progress`, when given, is closed as the body ends, before any error line is printed
+    (the error must not share the self-overwriting progress line).
+    """
     try:
-        return body()
+        if progress is None:
+            return body()
+        try:
+            return body()
+        finally:
+            progress.close()
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
     except Exception as exc:

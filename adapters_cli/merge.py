@@ -83,13 +83,7 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
         allow_base_mismatch=allow_base_mismatch,
         home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register,
         progress=progress.update if target == "safetensors" else None, on_stage=progress.stage)
-    def body() -> dict[str, Any]:
-        try:
-            return run_merge(opts)
-        finally:
-            progress.close()  # before an error line is printed: it must not share the progress line
-
-    summary = run_guarded(body)
+    summary = run_guarded(lambda: run_merge(opts), progress)
     if as_json:
         emit_json(summary)
     else:

@@ -63,13 +63,7 @@ def export(base_dir: str, target: str, slots: tuple[str, ...], out_dir: Path, mi
                         opset=opset, provider=provider, atol=atol, rtol=rtol, kv_cache=not no_kv_cache,
                         allow_base_mismatch=allow_base_mismatch, home=Path(home) if home else None,
                         db_url=db_url, register=register, on_stage=progress.stage)
-    def body() -> dict[str, Any]:
-        try:
-            return run_slots_export(opts)
-        finally:
-            progress.close()  # before an error line is printed: it must not share the progress line
-
-    summary = run_guarded(body)
+    summary = run_guarded(lambda: run_slots_export(opts), progress)
     if as_json:
         emit_json(summary)
         return
@@ -128,13 +122,7 @@ def pack(adapter: str, graph_dir: Path, out_file: Path, weight: float, base_dir:
                        home=Path(home) if home else None, db_url=db_url, register=register,
                        on_stage=progress.stage)
 
-    def body() -> dict[str, Any]:
-        try:
-            return run_pack(opts)
-        finally:
-            progress.close()  # before an error line is printed: it must not share the progress line
-
-    summary = run_guarded(body)
+    summary = run_guarded(lambda: run_pack(opts), progress)
     if as_json:
         emit_json(summary)
         return
