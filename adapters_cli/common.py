@@ -146,6 +146,21 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def version_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of a new version, the same for `push` and `import`: `--name`, the base
+    identity (`--base-model`, `--base-revision`, `--base`), `--parent`, `--tag`, `--meta`, `--message`."""
+    fn = click.option("--message", "-m", help="Free-text description.")(fn)
+    fn = click.option("--meta", multiple=True, help="KEY=VALUE metadata (repeatable).")(fn)
+    fn = click.option("--tag", "tags", multiple=True, help="Alias to point at the new version (repeatable).")(fn)
+    fn = click.option("--parent", help="Reference of the version this one was derived from.")(fn)
+    fn = click.option("--base", "base_dir", help="Base model folder, or hf:ORG/NAME[@REVISION] from the Hub: "
+                      "record its repo, resolved commit and weight digests.")(fn)
+    fn = click.option("--base-revision", help="Base model revision.")(fn)
+    fn = click.option("--base-model", help="Base model identity (hub id or name).")(fn)
+    fn = click.option("--name", required=True, help="Adapter name in the registry, e.g. team/llama-mora.")(fn)
+    return fn
+
+
 class SizeType(click.ParamType):
     """A byte size like `2GB`, `500MB`, `1.5GiB` or `1048576` (see exporters.pipeline.parse_size)."""
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 
-from adapters_cli.common import blob_url, complete_ref, emit_json, guarded, store_options
+from adapters_cli.common import (
+    blob_url,
+    complete_ref,
+    emit_json,
+    guarded,
+    store_options,
+    version_options,
+)
 
 
 def _open(home: str | None, db_url: str | None):
@@ -21,14 +28,7 @@ def _open(home: str | None, db_url: str | None):
 
 @click.command("import")
 @click.argument("source", metavar="hf:ORG/NAME[@REVISION]")
-@click.option("--name", required=True, help="Adapter name in the registry, e.g. team/llama-lora.")
-@click.option("--base-model", help="Base model identity (default: none; use --base to record digests).")
-@click.option("--base-revision", help="Base model revision.")
-@click.option("--base", "base_dir", help="Base model folder or hf:ORG/NAME[@REV]: record its digests.")
-@click.option("--parent", help="Reference of the version this one was derived from.")
-@click.option("--tag", "tags", multiple=True, help="Alias to point at the new version (repeatable).")
-@click.option("--meta", multiple=True, help="KEY=VALUE metadata (repeatable).")
-@click.option("--message", "-m", help="Free-text description.")
+@version_options
 @store_options
 @guarded
 def import_(source: str, name: str, base_model: str | None, base_revision: str | None, base_dir: str | None,

@@ -22,6 +22,7 @@ from adapters_cli.common import (
     one_line,
     store_options,
     table,
+    version_options,
 )
 from registry.names import MAX_INT
 
@@ -58,15 +59,7 @@ def _where(reg) -> str:
 
 @click.command("push")
 @click.argument("folder", type=click.Path())
-@click.option("--name", required=True, help="Adapter name, e.g. team/llama-mora.")
-@click.option("--base-model", help="Base model identity (hub id or name).")
-@click.option("--base-revision", help="Base model revision.")
-@click.option("--base", "base_dir", help="Base model folder, or hf:ORG/NAME[@REVISION] from the Hub: "
-              "record its repo, resolved commit and weight digests.")
-@click.option("--parent", help="Reference of the version this one was derived from.")
-@click.option("--tag", "tags", multiple=True, help="Alias to point at the new version (repeatable).")
-@click.option("--meta", multiple=True, help="KEY=VALUE metadata (repeatable).")
-@click.option("--message", "-m", help="Free-text description.")
+@version_options
 @store_options
 @command
 def push(folder: str, name: str, base_model: str | None, base_revision: str | None, base_dir: str | None,
