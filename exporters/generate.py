@@ -288,33 +288,45 @@ def _ort_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sampl
     ids = np.asarray([prompt], dtype=np.int64)
     mask = np.ones_like(ids)
     state = decoder.start(1)
-    tokens: list[int] = []
-    t0 = time.perf_counter()
-    t_first = t_last = t0
-    while len(tokens) < budget:
+    out = _Tokens(info.eos_ids, on_token)
+    while len(out.ids) < budget:
         try:
             logits, state = decoder.step(ids, mask, state)
         except Exception as exc:
-            raise GenerationError(f"{info.graph}: inference failed after {len(tokens)} tokens "
+            raise GenerationError(f"{info.graph}: inference failed after {len(out.ids)} tokens "
                                   f"({str(exc).splitlines()[0][:160]})") from None
         nxt = sample_next(logits[0, -1], sampling, rng)
-        t_last = time.perf_counter()
-        if not tokens:
-            t_first = t_last
-        tokens.append(nxt)
-        on_token(nxt)
-        if nxt in info.eos_ids:
+        if out.add(nxt):
             stop_reason = "eos"
             break
         ids = np.asarray([[nxt]], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-    return GenerationResult(tokens, "ort", used, len(prompt), round(t_first - t0, 6),
-                            _rate(len(tokens), t_first, t_last), stop_reason,
-                            {"kv_cache": decoder.kv_cache})
+    return out.result("ort", used, len(prompt), stop_reason, {"kv_cache": decoder.kv_cache})
 
 
-def _rate(n: int, t_first: float, t_last: float) -> float:
-    return round((n - 1) / (t_last - t_first), 3) if n > 1 and t_last > t_first else 0.0
+class _Tokens:
+    """The generated ids and their timing, the same for both engines: `add(id)` tells
+    `on_token` and answers whether the id ends the text (an end-of-sequence id)."""
+
+    def __init__(self, eos_ids: Any, on_token: OnToken):
+        self.ids: list[int] = []
+        self.eos_ids, self.on_token = eos_ids, on_token
+        self.t0 = self.t_first = self.t_last = time.perf_counter()
+
+    def add(self, token_id: int) -> bool:
+        self.t_last = time.perf_counter()
+        if not self.ids:
+            self.t_first = self.t_last
+        self.ids.append(token_id)
+        self.on_token(token_id)
+        return token_id in self.eos_ids
+
+    def result(self, engine: str, provider: str, prompt_tokens: int, stopped: str,
+               extra: dict[str, Any]) -> GenerationResult:
+        n, span = len(self.ids), self.t_last - self.t_first
+        rate = round((n - 1) / span, 3) if n > 1 and span > 0 else 0.0
+        return GenerationResult(self.ids, engine, provider, prompt_tokens, round(self.t_first - self.t0, 6),
+                                rate, stopped, extra)
 
 
 # --------------------------------------------------------------------------- onnxruntime-genai
@@ -352,28 +364,19 @@ def _genai_generate(info: ModelInfo, prompt: list[int], max_new_tokens: int, sam
             options["random_seed"] = int(sampling.seed)
     else:
         options.update(top_k=1)
-    tokens: list[int] = []
-    t0 = time.perf_counter()
-    t_first = t_last = t0
+    out = _Tokens(info.eos_ids, on_token)
     try:
         params.set_search_options(**options)
         generator = og.Generator(model, params)
         if adapters is not None:
             generator.set_active_adapter(adapters, "adapter")
         generator.append_tokens(np.asarray([prompt], dtype=np.int32))
-        while not generator.is_done() and len(tokens) < budget:
+        while not generator.is_done() and len(out.ids) < budget:
             generator.generate_next_token()
-            nxt = int(generator.get_next_tokens()[0])
-            t_last = time.perf_counter()
-            if not tokens:
-                t_first = t_last
-            tokens.append(nxt)
-            on_token(nxt)
-            if nxt in info.eos_ids:
+            if out.add(int(generator.get_next_tokens()[0])):
                 stop_reason = "eos"
                 break
     except RuntimeError as exc:  # genai reports its failures as RuntimeError
-        raise GenerationError(f"{info.folder}: onnxruntime-genai failed after {len(tokens)} tokens "
+        raise GenerationError(f"{info.folder}: onnxruntime-genai failed after {len(out.ids)} tokens "
                               f"({str(exc).splitlines()[0][:160]}); use --engine ort") from None
-    return GenerationResult(tokens, "genai", provider, len(prompt), round(t_first - t0, 6),
-                            _rate(len(tokens), t_first, t_last), stop_reason, {"kv_cache": True})
+    return out.result("genai", provider, len(prompt), stop_reason, {"kv_cache": True})

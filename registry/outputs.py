@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,16 @@ def _host() -> str:
 
 def _stale(row: Output) -> bool:
     return row.host == _host() and not process_alive(row.pid)
+
+
+def _stale_rows(rows: Iterable[Output]) -> Iterator[tuple[Output, Path, Path]]:
+    """(row, output path, partial folder) of the rows whose writer is gone and whose recorded
+    paths pass the stored-path check; the others are skipped."""
+    for row in rows:
+        if _stale(row):
+            paths = _safe_paths(row)
+            if paths is not None:
+                yield row, *paths
 
 
 def _safe_paths(row: Output) -> tuple[Path, Path] | None:
@@ -123,13 +134,7 @@ def reclaim(db: Database, path: str | Path) -> list[str]:
     path = Path(path).absolute()
     removed: list[str] = []
     with db.writing() as s:
-        for row in s.scalars(select(Output).where(Output.path == str(path))).all():
-            if not _stale(row):
-                continue
-            paths = _safe_paths(row)
-            if paths is None:
-                continue
-            out, partial = paths
+        for row, out, partial in _stale_rows(s.scalars(select(Output).where(Output.path == str(path))).all()):
             if partial.is_dir() and not partial.is_symlink():
                 shutil.rmtree(partial, ignore_errors=True)
                 removed.append(str(partial))
@@ -150,13 +155,7 @@ def gc_leftovers(s: Session, dry_run: bool) -> tuple[list[str], int, list[str]]:
     removed: list[str] = []
     freed = 0
     unfinished: list[str] = []
-    for row in s.scalars(select(Output).order_by(Output.id)).all():
-        if not _stale(row):
-            continue
-        paths = _safe_paths(row)
-        if paths is None:
-            continue
-        out, partial = paths
+    for row, out, partial in _stale_rows(s.scalars(select(Output).order_by(Output.id)).all()):
         if partial.is_dir() and not partial.is_symlink():
             freed += sum(p.stat().st_size for p in partial.rglob("*") if p.is_file() and not p.is_symlink())
             removed.append(str(partial))
