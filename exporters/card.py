@@ -69,18 +69,8 @@ def merge_figures(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def adapter_digests(resolved: Sequence[Any]) -> list[str | None]:
-    """Each adapter's weights digest: a version's recorded one, a folder's hashed here
-    (adapters are small; the registry handle may be busy in the base-digest thread)."""
-    from exporters.recipe import ADAPTER_WEIGHTS
-    from mora_core.checkpoint import member
-    from registry.copying import hash_file
+    """Each adapter's weights digest, without the registry handle (it may be busy in the
+    base-digest thread): `exporters.recipe.adapter_digest` with no registry."""
+    from exporters.recipe import adapter_digest
 
-    out: list[str | None] = []
-    for r in resolved:
-        if r.version is not None:
-            out.append(next((f["digest"] for f in r.version.files or [] if f.get("path") == ADAPTER_WEIGHTS), None))
-        elif r.adapter.path is not None and (Path(r.adapter.path) / ADAPTER_WEIGHTS).is_file():
-            out.append(hash_file(member(r.adapter.path, ADAPTER_WEIGHTS))[0])
-        else:
-            out.append(None)
-    return out
+    return [adapter_digest(None, r.adapter, r.version) for r in resolved]

@@ -113,9 +113,10 @@ def build_recipe(kind: str, checkpoint: Checkpoint, base_digests: dict[str, str]
     return recipe
 
 
-def adapter_digest(registry: Any, adapter: Adapter, version: Any | None) -> str | None:
+def adapter_digest(registry: Any | None, adapter: Adapter, version: Any | None) -> str | None:
     """The digest of an adapter's weights file: recorded in the store for a registry
-    version, else from the registry's file-digest cache (folders on disk)."""
+    version, else from the registry's file-digest cache (folders on disk), or hashed
+    here when there is no registry handle to ask (adapters are small)."""
     for f in (getattr(version, "files", None) or []) if version is not None else []:
         if f.get("path") == ADAPTER_WEIGHTS:
             return f["digest"]
@@ -124,6 +125,11 @@ def adapter_digest(registry: Any, adapter: Adapter, version: Any | None) -> str 
     p = Path(adapter.path) / ADAPTER_WEIGHTS
     if not p.is_file():
         return None
+    if registry is None:
+        from mora_core.checkpoint import member
+        from registry.copying import hash_file
+
+        return hash_file(member(adapter.path, ADAPTER_WEIGHTS))[0]
     return registry.file_digests([p]).get(p.name)
 
 
