@@ -12,7 +12,7 @@ ru_maxrss from `os.wait4`):
 
 1. `--to onnx` with validation (the default command);
 2. `--to onnx --no-validate` (export alone) unless `--no-validate-run` is not wanted;
-3. with `--optimum`: the peer, `optimum-cli export onnx --model MERGED --task text-generation`
+3. with `--optimum`: the peer, `optimum-cli export onnx --model MERGED --task text-generation-with-past`
    on the same merge written `--to safetensors` (Optimum validates by default; its own
    virtualenv under `--work`, created on first use with `python -m venv
    --system-site-packages` + `pip install optimum-onnx`, so the project's environment is
@@ -184,7 +184,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             outs += [merged, out]
             penv = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-            cmd = [str(exe), "export", "onnx", "--model", str(merged), "--task", "text-generation",
+            cmd = [str(exe), "export", "onnx", "--model", str(merged), "--task", "text-generation-with-past",
                    "--framework", "pt", str(out)]
             if args.dtype == "float16":
                 cmd += ["--dtype", "fp16"]
