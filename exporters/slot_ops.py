@@ -2,14 +2,17 @@
 
 MoRA is exported with its structure (arXiv 2405.12130), never as a dense matrix:
 
-- compress: types 1/4/6 lay the input positions out cyclically (`Concat`/`Slice` when the
-  features must wrap), `Reshape` to `[n_blocks, r_hat]`, then `ReduceSum` over the blocks
-  (types 1/4) or keep them apart (type 6); types 2/3 sum contiguous feature groups (two
-  `Reshape` + `ReduceSum`, the first `in % r_hat` groups one longer);
-- type 6 rotates each block (RoPE: `x cos + rotate_half(x) sin`, constant tables);
+- compress: types 1/4/6 lay the input positions out cyclically (`Concat` of the features
+  and their head when they must wrap), `Reshape` to `[blocks, r_hat]`, then `ReduceSum`
+  over the blocks (types 1/4) or keep them apart (type 6, and only the blocks whose
+  results reach an output: `ceil(out / r_hat)` of them when that is fewer, the rest of
+  the input is never read); types 2/3 sum contiguous feature groups (two `Reshape` +
+  `ReduceSum`, the first `in % r_hat` groups one longer);
+- type 6 rotates each block (RoPE: `v cos + flip(v) sin'` on the block's two halves, one
+  `Slice` with step -1 and constant `[blocks, 2, r_hat/2]` tables: 4 nodes, no Concat/Neg);
 - the square matrix `M` (`MatMul`), the only learned part;
-- decompress: one `Gather` of the output features from the `r_hat` (or `n_blocks*r_hat`)
-  results: tiling for types 1/3/6, repeat-each for types 2/4.
+- decompress: block copies of the `r_hat` (or `blocks*r_hat`) results over the outputs:
+  tiling for types 1/3/6, repeat-each for types 2/4.
 
 The index maps come from `mora_core.mora.MoraOperator`, so the graph and the merge share
 one definition. `mora_dense_matrices` gives the same operator as a dense factorisation
@@ -41,22 +44,30 @@ class MoraBranch:
 
     def __init__(self, op: MoraOperator):
         self.op = op
+        # type 6 keeps its blocks apart and truncates their results to out_features: blocks
+        # past ceil(out / r_hat) reach no output (k/v/down projections), so they are not built
+        self.blocks = min(op.n_blocks, -(-op.out_features // op.r_hat)) if op.mora_type == 6 else op.n_blocks
         if op.mora_type == 6:
             cos, sin = rope_tables(op.r_hat, op.n_blocks)
             h = op.r_hat // 2
-            # rotate_half(c) * sin == cat(c[h:], c[:h]) * cat(-sin[:h], sin[h:]): no Neg node
-            self.cos, self.sin = cos.clone(), torch.cat((-sin[:, :h], sin[:, h:]), dim=-1)
+            cos, sin = cos[: self.blocks].view(-1, 2, h), sin[: self.blocks].view(-1, 2, h)
+            # rot(v) = [v0 cos0 - v1 sin0, v1 cos1 + v0 sin1] on the halves v0, v1 of a block:
+            # v cos + flip(v) sin' with the halves swapped by one Slice (step -1), no Neg
+            self.cos = cos.clone()
+            self.sin = torch.stack((-sin[:, 0], sin[:, 1]), 1)  # [blocks, 2, h]
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
-        """`[..., in] -> [..., r_hat]` (types 1-4) or `[..., n_blocks, r_hat]` (type 6)."""
+        """`[..., in] -> [..., r_hat]` (types 1-4) or `[..., blocks, r_hat]` (type 6, `self.blocks`)."""
         op = self.op
         n, r, t = op.in_features, op.r_hat, op.mora_type
         if t in (1, 4, 6):
-            width = op.n_blocks * r
-            if width != n:  # positions wrap around the features
-                reps = -(-width // n)
-                x = torch.cat([x] * reps, dim=-1)[..., :width]
-            blocks = x.unflatten(-1, (op.n_blocks, r))
+            width = self.blocks * r
+            if width > n:  # positions wrap around the features
+                full, rest = divmod(width, n)
+                x = torch.cat([x] * full + ([x[..., :rest]] if rest else []), dim=-1)
+            elif width < n:  # type 6: the inputs of blocks that reach no output are not read
+                x = x[..., :width]
+            blocks = x.unflatten(-1, (self.blocks, r))
             return blocks if t == 6 else blocks.sum(dim=-2)
         q, m = divmod(n, r)  # grouped: the first m groups hold q + 1 features, the others q
         if q == 0:
@@ -68,10 +79,13 @@ class MoraBranch:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def rotate(self, c: torch.Tensor) -> torch.Tensor:
-        """Type 6: rotate block b of `[..., n_blocks, r_hat]` by its RoPE angle (the reference's float32 tables)."""
+        """Type 6: rotate block b of `[..., blocks, r_hat]` by its RoPE angle (the reference's float32
+        tables): `v cos + flip(v) sin'` on the halves (exact: each output is the reference's two
+        products and one add)."""
         h = self.op.r_hat // 2
+        halves = c.unflatten(-1, (2, h))  # [..., blocks, 2, h]
         cos, sin = self.cos.to(c.dtype), self.sin.to(c.dtype)
-        return c * cos + torch.cat((c[..., h:], c[..., :h]), dim=-1) * sin
+        return (halves * cos + halves.flip(-2) * sin).flatten(-2)
 
     def decompress(self, y: torch.Tensor) -> torch.Tensor:
         """`[..., width] -> [..., out]`, block copies only (an element-wise Gather on the last axis
@@ -115,7 +129,7 @@ class MoraBranch:
         mt = torch.index_select(mt_stack, 0, rows)  # [batch, r, r]
         if self.op.mora_type == 6:
             c = self.rotate(c)  # [batch, seq, nb, r]
-            y = torch.matmul(c.flatten(1, 2), mt).unflatten(1, (c.shape[1], self.op.n_blocks)).flatten(-2)
+            y = torch.matmul(c.flatten(1, 2), mt).unflatten(1, (c.shape[1], self.blocks)).flatten(-2)
         else:
             y = torch.matmul(c, mt)
         return self.decompress(y)

@@ -20,7 +20,7 @@ from mora_core.adapter import load_adapter
 from mora_core.mora import MoraOperator
 from tests.builders import linear_shapes, write_lora_adapter, write_model_base, write_mora_adapter
 
-SHAPES = [(32, 32, 8), (32, 16, 12), (64, 32, 10), (5, 40, 8), (48, 7, 6), (33, 97, 16), (7, 3, 10)]
+SHAPES = [(32, 32, 8), (32, 16, 12), (64, 32, 10), (5, 40, 8), (48, 7, 6), (33, 97, 16), (7, 3, 10), (3, 40, 10)]
 
 
 @pytest.mark.parametrize("mora_type", [1, 2, 3, 4, 6])
@@ -37,6 +37,8 @@ def test_structured_branch_equals_the_operator(mora_type):
         x = torch.randn(2, 5, in_f, generator=g, dtype=torch.float64)
         expected = x @ op.delta(m).T  # the dense definition, independent of both forwards
         torch.testing.assert_close(MoraBranch(op)(x, m), expected, atol=1e-12, rtol=1e-12)
+        if mora_type == 6:  # blocks whose results are cut off by out_features are never built
+            assert MoraBranch(op).compress(x).shape[-2] == min(op.n_blocks, -(-out_f // r))
         a, b = mora_dense_matrices(op, m)
         torch.testing.assert_close((x @ a.T) @ b.T, expected, atol=1e-12, rtol=1e-12)
         stack = torch.stack([m.T, -2 * m.T, torch.zeros_like(m)])  # adapters 0, 1 and the base
