@@ -11,8 +11,10 @@ KV-cache slot graphs (decoders' default) run the shape cases as prefills (empty 
 position ids `cumsum(mask) - 1`), and each adapter file (and no adapter) is also checked
 while generating: prefill plus greedy decode steps through the graph's own cache with
 the file active, against the base with that adapter unmerged and PyTorch's cache
-(`exporters.generation_check`). A mixed KV graph is checked row by row on prefills; its
-generation through the cache is not compared (not done).
+(`exporters.generation_check`). A mixed KV graph is checked row by row on prefills, and
+generates too: `adapter_index` fed at every step, rows with different adapters (and base
+rows) in one left-padded batch, each row against the base with *its* adapter unmerged
+(`RowsReference`: the rows of one adapter on their own PyTorch cache).
 
 Cases, criterion and statistics are those of merged exports (`exporters.validate`). Like
 `validate_graph`, these functions never raise for a wrong graph: the report's `passed` is
@@ -164,4 +166,68 @@ def validate_mixed(graph: Path, model: torch.nn.Module, spec: GraphSpec, adapter
     it = iter(refs)
     comparison = compare("per-row unmerged references (PyTorch)", [c for c, _ in runs], outputs,
                          lambda _case: next(it), atol, rtol)
-    return _report({"mixed_rows": comparison}, used, chain, requested, atol, rtol, dtype)
+    comparisons = {"mixed_rows": comparison}
+    if spec.kv_cache:
+        try:
+            comparisons.update(_mixed_generation(graph, model, adapters, provider, atol, rtol))
+        except Exception as exc:
+            return {"passed": False, "provider": used, "requested_provider": requested,
+                    "failure": _cannot_run(used, exc)}
+    return _report(comparisons, used, chain, requested, atol, rtol, dtype)
+
+
+class RowsReference(torch.nn.Module):
+    """The reference of a mixed graph while generating, called as `compare_generation` calls a
+    model: row i runs through `model` with `adapters[rows[i]]` unmerged (-1: the base alone).
+
+    The rows of one adapter form a sub-batch with its own PyTorch cache, held here: the
+    cache passed in is left empty (one instance per prompt). Logits come back in row order.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[Adapter], rows: np.ndarray):
+        super().__init__()
+        from transformers import DynamicCache
+
+        self.model, self.adapters = model, list(adapters)
+        self.groups = {int(j): np.nonzero(rows == j)[0] for j in np.unique(rows)}
+        self.caches = {j: DynamicCache() for j in self.groups}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                **_ignored: Any) -> Any:
+        from types import SimpleNamespace
+
+        logits: torch.Tensor | None = None
+        for j, index in self.groups.items():
+            rows = torch.from_numpy(index)
+            ads = [self.adapters[j]] if j >= 0 else []
+            with apply_unmerged(self.model, ads, [1.0] * len(ads)):
+                out = self.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                                 position_ids=position_ids[rows], past_key_values=self.caches[j], use_cache=True,
+                                 return_dict=True).logits
+            if logits is None:
+                logits = out.new_zeros((input_ids.shape[0], *out.shape[1:]))
+            logits[rows] = out
+        return SimpleNamespace(logits=logits)
+
+
+def generation_rows(n_adapters: int, batch: int) -> list[np.ndarray]:
+    """Row assignments a mixed graph generates with: batch 1, the first adapter; wider batches,
+    `mixed_rows` shifted by `batch` at a time until every adapter and the base had a row."""
+    if batch == 1:
+        return [mixed_rows(n_adapters, 1, 1)]
+    return [mixed_rows(n_adapters, batch, shift) for shift in range(0, n_adapters + 1, batch)]
+
+
+def _mixed_generation(graph: Path, model: torch.nn.Module, adapters: Sequence[Adapter], provider: str,
+                      atol: float, rtol: float) -> dict[str, dict]:
+    """Prefill + greedy decode through the mixed graph's cache for each prompt and row assignment."""
+    prompts = generation_prompts(int(model.config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(model.config)))
+    session = open_session(graph, provider)
+    out: dict[str, dict] = {}
+    for ids, mask in prompts:
+        for rows in generation_rows(len(adapters), len(ids)):
+            decoder = OrtDecoder(session, extra_feed={ADAPTER_INDEX: rows})
+            gen = compare_generation(decoder, RowsReference(model, adapters, rows), [(ids, mask)], atol, rtol)
+            name = f"rows {rows.tolist()}"
+            out[f"{name}: generation"] = {**gen, "name": f"{name}: {gen['name']}", "rows": rows.tolist()}
+    return out

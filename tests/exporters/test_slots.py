@@ -66,9 +66,61 @@ def _base_model(base: Path):
 
 def test_mixed_graph_validated_row_by_row(mixed):
     v = mixed["summary"]["validation"]
-    assert v["passed"] and set(v["comparisons"]) == {"mixed_rows"}
+    assert v["passed"]
     comp = v["comparisons"]["mixed_rows"]
     assert len(comp["cases"]) == 5 * 4 and comp["max_abs_diff"] < 1e-4  # every case x 4 row assignments
+
+
+def test_mixed_kv_graph_generates_each_row_with_its_adapter(mixed):
+    """Prefill + 16 greedy steps through the cache with LoRA, MoRA t1, MoRA t6 and base rows in
+    one left-padded batch, each row against the base with its own adapter unmerged."""
+    gens = {k: c for k, c in mixed["summary"]["validation"]["comparisons"].items() if k.endswith(": generation")}
+    assert gens and all(c["passed"] and c["steps"] == 16 and c["max_abs_diff"] < 1e-4 for c in gens.values())
+    batched = [c for c in gens.values() if len(c["rows"]) == 3]
+    assert {j for c in batched for j in c["rows"]} == {-1, 0, 1, 2}  # every adapter and the base had a row
+    assert all(len(set(c["rows"])) == 3 and c["cases"][0]["padded_rows"] for c in batched)
+
+
+def test_mixed_generation_check_fails_when_rows_get_the_wrong_adapter(mixed):
+    """The check's references route row i to adapter i of the list given: the graph's stacks in
+    another order (LoRA and MoRA t6 swapped) must fail, while generating too."""
+    from transformers import AutoConfig
+
+    from exporters.onnx_graph import kv_spec
+    from exporters.slot_validation import validate_mixed
+
+    base, folders = mixed["base"], mixed["folders"]
+    wrong = [load_adapter(folders[i]) for i in (2, 1, 0)]
+    spec = kv_spec(AutoConfig.from_pretrained(str(base)))
+    report = validate_mixed(Path(mixed["summary"]["output"]) / "model.onnx", _base_model(base), spec, wrong, "cpu",
+                            "cpu", 1e-4, 1e-4, "float32")
+    assert not report["passed"] and "\n" not in report["failure"]
+    gens = {k: c for k, c in report["comparisons"].items() if k.endswith(": generation")}
+    failed = {k for k, c in gens.items() if not c["passed"]}
+    # rows with MoRA t1 (index 1) or the base keep their adapter: only rows using 0 or 2 may fail
+    assert failed == {k for k, c in gens.items() if {0, 2} & set(c["rows"])} and failed
+
+
+def test_a_cache_bug_in_a_mixed_graph_fails_its_generation_check(mixed, monkeypatch):
+    """Presents with key and value swapped: the row-by-row prefills pass, generating does not."""
+    import exporters.slots as slots_mod
+    from tests.builders import swap_key_and_value_presents
+
+    seen = {}
+    real = slots_mod.validate_mixed
+
+    def keep_report(*args, **kwargs):
+        seen["report"] = real(*args, **kwargs)
+        return seen["report"]
+
+    monkeypatch.setattr(slots_mod, "validate_mixed", keep_report)
+    swap_key_and_value_presents(monkeypatch)
+    out = mixed["root"] / "swapped"
+    with pytest.raises(ValidationFailed, match="generation") as err:
+        export_slots_onnx(mixed["base"], [load_adapter(mixed["folders"][0])], out, mixed=True)
+    assert "\n" not in str(err.value) and not out.exists()
+    comps = seen["report"]["comparisons"]
+    assert comps["mixed_rows"]["passed"] and not all(c["passed"] for k, c in comps.items() if "generation" in k)
 
 
 def test_mixed_batch_of_lora_mora_and_base_rows(mixed):
