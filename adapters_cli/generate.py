@@ -15,6 +15,7 @@ import click
 
 from adapters_cli.common import (
     UserError,
+    blob_url,
     complete_ref,
     emit_json,
     parse_ids,
@@ -41,9 +42,9 @@ from adapters_cli.common import (
               help="ONNX Runtime execution provider.")
 @click.option("--engine", default="auto", type=click.Choice(["auto", "genai", "ort"]),
               help="onnxruntime-genai, or our ONNX Runtime loop (auto: genai when the folder allows it).")
-@click.option("--adapter", default=None, metavar="FILE.onnx_adapter|REF", shell_complete=complete_ref,
-              help="Slots graphs: the adapter active while generating, an `adapters pack` file, or an adapter "
-                   "folder or registry reference packed (and validated) for OUT first.")
+@click.option("--adapter", default=None, metavar="FILE.onnx_adapter|artifact:N|REF", shell_complete=complete_ref,
+              help="Slots graphs: the adapter active while generating, an `adapters pack` file (or its registered "
+                   "artifact:N), or an adapter folder or registry reference packed (and validated) for OUT first.")
 @store_options
 def generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float | None,
              top_k: int | None, top_p: float | None, seed: int | None, provider: str, engine: str,
@@ -55,6 +56,7 @@ def generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: i
       adapters generate ./merged-onnx --prompt "The capital of France is" --max-new-tokens 20
       adapters generate ./merged-onnx --ids 1,15043,3186 --temperature 0.8 --top-p 0.9 --seed 1 --json
       adapters generate ./llama-slots --adapter ./mora.onnx_adapter --prompt "Hello"
+      adapters generate ./llama-slots --adapter artifact:12 --prompt "Hello"
     """
     run_guarded(lambda: _generate(model, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, provider,
                                   engine, adapter, home, db_url, as_json))
@@ -99,9 +101,10 @@ def _generate(model: Path, prompt: str | None, ids: str | None, max_new_tokens: 
 
 def _adapter_file(adapter: str, graph_dir: Path, work: Path, home: str | None, db_url: str | None) -> Path:
     """`--adapter`: an existing file is used as it is (checked against the graph's slots by
-    `exporters.generate`); a folder or a registry reference is packed for `graph_dir` into
-    `work` first, as `adapters pack` does (validated against the unmerged reference; this
-    path imports torch)."""
+    `exporters.generate`); `artifact:N` (or `artifact@sha256:P`) is the file of a registered
+    `adapters pack` output, re-hashed against its record; a folder or a registry reference
+    is packed for `graph_dir` into `work` first, as `adapters pack` does (validated against
+    the unmerged reference; this path imports torch)."""
     from exporters.generate import check_slots_graph, model_info
 
     check_slots_graph(model_info(graph_dir))  # before any packing
@@ -110,12 +113,30 @@ def _adapter_file(adapter: str, graph_dir: Path, work: Path, home: str | None, d
         return path
     if adapter.endswith(".onnx_adapter"):
         raise UserError(f"--adapter {adapter}: no such file")
+    if adapter.startswith(("artifact:", "artifact@")):
+        return _artifact_file(adapter, home, db_url)
     from exporters.serve_pipeline import PackOptions, run_pack
 
     out = work / "adapter.onnx_adapter"
     run_pack(PackOptions(adapter=adapter, graph_dir=graph_dir, out_file=out, register=False,
                          home=Path(home) if home else None, db_url=db_url))
     return out
+
+
+def _artifact_file(ref: str, home: str | None, db_url: str | None) -> Path:
+    """The file of a registered adapter file artifact (kind `onnx_adapter`), its bytes those recorded."""
+    from exporters.serve_pipeline import KIND_ADAPTER
+    from registry.api import Registry
+
+    with Registry.open(home=home, db_url=db_url, blob_url=blob_url(), create=False) as reg:
+        info = reg.artifact(ref)  # RegistryError (exit 2) for an unknown or malformed reference
+        if info.kind != KIND_ADAPTER:
+            raise UserError(f"--adapter {ref}: a {info.kind} artifact, not an adapter file "
+                            f"({KIND_ADAPTER}, written by adapters pack)")
+        problems = reg.check_artifact(info.ref)
+    if problems:
+        raise UserError(f"--adapter {ref}: {problems[0]}")
+    return Path(info.path)
 
 
 class _Stream:

@@ -144,3 +144,28 @@ def test_a_cache_bug_in_a_slots_graph_fails_its_generation_check(slots, monkeypa
     with pytest.raises(ValidationFailed, match="generation") as err:
         export_slots_onnx(slots["base"], [load_adapter(slots["lora"])], out)
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_cli_generate_adapter_from_a_registered_pack_artifact(slots, tmp_path):
+    """`--adapter artifact:N`: the registered `adapters pack` output, used as its file is."""
+    from registry.api import Registry
+
+    env = {"ADAPTERS_HOME": str(tmp_path / "home")}
+    assert invoke(["push", slots["mora"], "--name", "team/mora", "--base", slots["base"]], env).code == 0
+    packed = invoke(["pack", "team/mora:1", "--graph", slots["graph"], "-o", tmp_path / "m.onnx_adapter",
+                     "--weight", str(WEIGHT), "--json"], env)
+    assert packed.code == 0, packed.err
+    ref = packed.json()["artifact"]["ref"]
+    r = invoke(["generate", slots["graph"], "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW),
+                "--adapter", ref, "--engine", "ort", "--json"], env)
+    assert r.code == 0, r.err
+    assert r.json()["tokens"] == _reference(slots["base"], slots["mora"], WEIGHT) and r.json()["adapter"] == ref
+
+    with Registry.open(home=env["ADAPTERS_HOME"]) as reg:  # an artifact that is not an adapter file
+        graph_ref = reg.register_artifact(kind="onnx_slots", path=slots["graph"], recipe={"kind": "onnx_slots"},
+                                          inputs=[]).ref
+    (tmp_path / "m.onnx_adapter").write_bytes(b"not the packed bytes")
+    for bad, message in ((graph_ref, "onnx_slots artifact, not an adapter file"), ("artifact:999", "artifact:999"),
+                         (ref, "m.onnx_adapter")):
+        r = invoke(["generate", slots["graph"], "--ids", "1,2", "--adapter", bad], env)
+        assert r.code == 2 and message in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, (bad, r.err)
