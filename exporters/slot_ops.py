@@ -149,11 +149,12 @@ def lora_rows(x: torch.Tensor, at_stack: torch.Tensor, bt_stack: torch.Tensor, r
 def mora_dense_matrices(op: MoraOperator, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MoRA as a dense factorisation `dW = B A`: A = core(M) C `[width, in]`, B = D `[out, width]`.
 
-    The rank is `r_hat` for types 1-4 and `n_blocks * r_hat` for type 6. Only for measuring
-    what the structured operators buy; the graph never uses it.
+    The rank is `r_hat` for types 1-4 and `blocks * r_hat` for type 6 (the blocks whose
+    results reach an output, as the structured branch builds). Only for measuring what the
+    structured operators buy; the graph never uses it.
     """
-    a = op.compressed_core(m)  # core(M) @ C
-    width = a.shape[0]
+    width = MoraBranch(op).blocks * op.r_hat if op.mora_type == 6 else op.r_hat
+    a = op.compressed_core(m)[:width]  # core(M) @ C
     b = torch.zeros(op.out_features, width, dtype=m.dtype)
     b[torch.arange(op.out_features), op.decompress_map] = 1.0
     return a, b
