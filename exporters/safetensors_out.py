@@ -4,8 +4,10 @@
 it names the shards (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
 `model.safetensors.index.json`), writes each from a header laid out up front, and
 *hashes every byte as it writes it*: the sha256 of each file is known when the file is
-closed, so registering the output never reads it again. Two things overlap the writes:
-a worker thread hashes the bytes being written (hashlib releases the GIL), and another
+closed, so registering the output never reads it again. The bytes go through reused
+staging buffers (`exporters.direct_writes`): one worker thread hashes each full buffer
+(hashlib releases the GIL), another writes it (`O_DIRECT` where the file system takes it:
+no fresh page-cache pages, and the fsync finds the data on disk already), and a third
 fsyncs shard k while shard k+1 is being produced.
 
 `merge_folder` is the whole safetensors output: open the checkpoint (once), plan, stream
@@ -15,8 +17,6 @@ with the config edits the merge implies, and report (digests of every file inclu
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import resource
 import time
@@ -26,17 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporters.direct_writes import AppendFile, StagingPool
 from exporters.outputs import copy_side_files, refuse_existing, staged_output, write_json
 from mora_core.adapter import Adapter
 from mora_core.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from mora_core.merge import ProgressFn, plan_merge, stream_merge
 from mora_core.safetensors_io import PlannedTensor, SafetensorsFile, dtype_code, encode_header
-from registry.copying import BUFFER as HASH_BUFFER
-from registry.copying import hash_range
 
 SHARD_METADATA = {"format": "pt"}
 FinishFn = Callable[[Path, dict[str, Any]], dict[str, str]]  # (staged folder, report) -> files it added
-COPY_CHUNK = 1 << 30  # one copy_file_range call at most (the kernel may do less)
 
 
 def shard_names(n: int) -> list[str]:
@@ -49,32 +47,30 @@ def shard_names(n: int) -> list[str]:
 class HashingShardWriter:
     """One safetensors file with a fixed layout, written tensor by tensor and hashed as written.
 
-    Tensors must arrive in the planned order with the planned dtype and shape. With a
-    `hasher` (a one-thread pool), `digest` is set by `finish()`: the sha256 of exactly the
-    bytes written, hashed by that thread while the caller goes on. The hash of one tensor
-    is settled at the start of the next call (the merge loop keeps a written tensor
-    intact until then: see `mora_core.merge.TensorWriter`), so it overlaps both the write
-    and the next tensor's merge. Raw copies go through the kernel; the hash thread reads
-    their source range again (page cache) through one reused buffer. Without a hasher
-    nothing is hashed.
+    Tensors must arrive in the planned order with the planned dtype and shape. The bytes go
+    through an `exporters.direct_writes.AppendFile`: copied (merged tensors) or read from
+    the source file (raw copies) into staging buffers, which the I/O thread writes with
+    `O_DIRECT` where the file system takes it and, with a `hasher`, the hash thread feeds to
+    the file's sha256 while the caller goes on. `digest` is set by `finish()`: the sha256 of
+    exactly the bytes written. A tensor is copied before `write` returns, so the caller may
+    reuse its memory at once. Without a hasher nothing is hashed.
     """
 
     def __init__(self, path: Path, plan: Sequence[PlannedTensor], hasher: ThreadPoolExecutor | None,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, pool: StagingPool, io: ThreadPoolExecutor):
         self.path = Path(path)
         self._plan = list(plan)
         self._next = 0
-        self._hasher = hasher
-        self._h = hashlib.sha256() if hasher is not None else None
-        self._pending: tuple[Future | None, Callable[[], None] | None] | None = None
-        self._buf: bytearray | None = None  # the raw copies' hash buffer, reused
-        self.digest: str | None = None
-        self.bytes = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        header = encode_header(self._plan, metadata)
-        if self._h is not None:
-            self._h.update(header)
-        self._write_all(memoryview(header))
+        self._file = AppendFile(self.path, pool, io, hasher)
+        self._file.append(encode_header(self._plan, metadata))
+
+    @property
+    def digest(self) -> str | None:
+        return self._file.digest
+
+    @property
+    def bytes(self) -> int:
+        return self._file.bytes
 
     def _expect(self, name: str) -> PlannedTensor:
         if self._next >= len(self._plan) or self._plan[self._next].name != name:
@@ -83,47 +79,19 @@ class HashingShardWriter:
         self._next += 1
         return self._plan[self._next - 1]
 
-    def _settle(self) -> None:
-        """Wait for the previous tensor's hash and release what it read."""
-        if self._pending is None:
-            return
-        job, release = self._pending
-        self._pending = None
-        try:
-            if job is not None:
-                job.result()
-        finally:
-            if release is not None:
-                release()
-
-    def _hash_later(self, view: memoryview) -> None:
-        job = self._hasher.submit(self._h.update, view) if self._h is not None else None
-        self._pending = (job, None)
-
-    def _write_all(self, view: memoryview) -> None:
-        done = 0
-        while done < len(view):  # os.write may write less than asked
-            done += os.write(self._fd, view[done:])
-        self.bytes += len(view)
-
     def write(self, planned: PlannedTensor, tensor) -> None:
         """Append a tensor (any torch tensor of the planned dtype and shape)."""
         import torch
 
-        self._settle()
         got = self._expect(planned.name)
         if dtype_code(tensor.dtype) != got.dtype or tuple(tensor.shape) != got.shape:
             raise RuntimeError(f"{got.name}: got {tensor.dtype} {tuple(tensor.shape)}, "
                                f"planned {got.dtype} {got.shape}")
         if got.nbytes:
-            view = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._hash_later(view)
-            self._write_all(view)
+            self._file.append(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def copy(self, planned: PlannedTensor, source: SafetensorsFile, name: str) -> None:
-        """Append a tensor's bytes unchanged from `source`: a kernel copy, hashed by the hash
-        thread with positioned reads through one reused buffer (no map: RSS stays bounded)."""
-        self._settle()
+        """Append a tensor's bytes unchanged from `source` (positioned reads of the source file)."""
         got = self._expect(planned.name)
         info = source.tensors[name]
         if info.nbytes != got.nbytes or info.dtype != got.dtype:
@@ -132,63 +100,22 @@ class HashingShardWriter:
             return
         fd = os.open(source.path, os.O_RDONLY)
         try:
-            _copy_range(fd, self._fd, info.begin, info.nbytes)
-        except BaseException:
+            self._file.append_from(fd, info.begin, info.nbytes)
+        finally:
             os.close(fd)
-            raise
-        self.bytes += info.nbytes
-        if self._h is None:
-            os.close(fd)
-            return
-        if self._buf is None:
-            self._buf = bytearray(HASH_BUFFER)
-        job = self._hasher.submit(hash_range, self._h, fd, info.begin, info.nbytes, self._buf)
-        self._pending = (job, lambda: os.close(fd))
 
     def finish(self) -> None:
         """Check every planned tensor arrived and set `digest` (the fsync is `sync_and_close`)."""
-        self._settle()
         if self._next != len(self._plan):
             raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
-        if self._h is not None:
-            self.digest = "sha256:" + self._h.hexdigest()
+        self._file.finish()
 
     def sync_and_close(self) -> None:
-        """fsync and close (safe in a worker thread: the GIL is released in fsync)."""
-        try:
-            os.fsync(self._fd)
-        finally:
-            self.close()
+        """Wait for the writes, fsync and close (safe in a worker thread)."""
+        self._file.sync_and_close()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._settle()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
-    """Append `count` bytes of `fd_in` from `offset` to `fd_out`: in the kernel when it can."""
-    copy_file_range = getattr(os, "copy_file_range", None)
-    done = 0
-    while done < count:
-        n = count - done
-        k = 0
-        if copy_file_range is not None:
-            try:
-                k = copy_file_range(fd_in, fd_out, min(n, COPY_CHUNK), offset + done)
-            except OSError:
-                copy_file_range = None
-        if not k:
-            chunk = os.pread(fd_in, min(n, 16 << 20), offset + done)
-            if not chunk:
-                raise OSError(f"unexpected end of file copying {count} bytes")
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd_out, view):]
-            k = len(chunk)
-        done += k
+        self._file.close()
 
 
 class SafetensorsFolderWriter:
@@ -207,7 +134,9 @@ class SafetensorsFolderWriter:
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-hash") if digests else None
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
+        self._pool = StagingPool()
         self._syncs: list[tuple[HashingShardWriter, Future]] = []
         self._layout: list[list[PlannedTensor]] = []
         self._names: list[str] = []
@@ -241,7 +170,7 @@ class SafetensorsFolderWriter:
                 return
             plan = self._layout[self._shard]
             self._current = HashingShardWriter(self.folder / self._names[self._shard], plan, self._hasher,
-                                               self.metadata)
+                                               self.metadata, pool=self._pool, io=self._io)
             self._left = len(plan)
 
     def _target(self, planned: PlannedTensor) -> HashingShardWriter:
@@ -278,10 +207,12 @@ class SafetensorsFolderWriter:
         if self._current is not None:
             self._current.close()
         self._syncer.shutdown(wait=True)
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=True)
         for shard, _ in self._syncs:
             shard.close()
+        self._io.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+        self._pool.close()
 
 
 # ----------------------------------------------------------------------------- merge_folder

@@ -24,6 +24,7 @@ from mora_core.mora import MoraOperator, mora_rank
 from mora_core.ops import DeltaOp, DoraOp, LoraEmbeddingOp, LoraOp, MoraOp
 from mora_core.safetensors_io import SafetensorsFile, all_finite, dtype_code
 from mora_core.spec import AdapterSpec, read_config
+from mora_core.threads import kernel_threads, spare_one_core
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -188,7 +189,16 @@ def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], spec: AdapterSpec,
                          path: Path | None, label: str, where: str) -> Adapter:
-    """Build an `Adapter` from already-read tensors (validates exactly like `load_adapter`)."""
+    """Build an `Adapter` from already-read tensors (validates exactly like `load_adapter`).
+
+    The checks run one small kernel per matrix, on all CPUs but one (`mora_core.threads`).
+    """
+    with kernel_threads(spare_one_core()):
+        return _build_adapter(tensors, config, spec, path, label, where)
+
+
+def _build_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any], spec: AdapterSpec,
+                   path: Path | None, label: str, where: str) -> Adapter:
     if not tensors:
         raise AdapterError(f"{where}: holds no tensors")
     grouped: dict[str, dict[str, torch.Tensor]] = {}

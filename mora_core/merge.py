@@ -3,7 +3,8 @@
 `W' = W + sum_i w_i * dW_i`, accumulated in float32 (or float64) and cast once to the
 output dtype; never `W.half() + dW.half()`. `merge_tensor`/`merge_state_dict` do it in
 memory; `stream_merge` does it for a whole checkpoint, one tensor at a time: each base
-tensor is read in place through a short-lived private memory map of its bytes, merged
+tensor is read in place through a short-lived private memory map of its bytes (a
+footprint merge reads it into the output buffer instead), merged
 into a reused float32 buffer, cast and handed to a `TensorWriter`; tensors no adapter
 touches are handed over as raw bytes (`TensorWriter.copy`, a kernel copy for files).
 Peak memory is about one tensor in float32 plus the adapters, whatever the model size.
@@ -15,10 +16,8 @@ in `exporters`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +35,7 @@ from mora_core.safetensors_io import (
     dtype_code,
     torch_dtype,
 )
+from mora_core.threads import kernel_threads, spare_one_core
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
@@ -243,43 +243,14 @@ def stream_merge(
     )
 
 
-def spare_one_core() -> int:
-    """Intra-op threads for the merge loop: the CPUs this process may use, less one.
-
-    The loop's kernels (dtype casts, fused adds, the finiteness check) are memory-bound
-    passes of a few milliseconds each, and a writer works beside them (the hash thread,
-    the kernel's writes): on 2 CPUs, torch's second OpenMP thread only contends with
-    them, and every parallel region then waits at its barrier for a thread the
-    scheduler gave away (measured: 2-4x the CPU time of one thread, several times its
-    wall time on a loaded machine, same results).
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cpus - 1))
-
-
-@contextlib.contextmanager
-def kernel_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` for the block, restored after it."""
-    before = torch.get_num_threads()
-    if n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _Workspace:
     """Buffers reused from tensor to tensor of a streaming merge.
 
     Fresh memory costs a page fault per page (about as much as the merge arithmetic on
     these machines), so the float32 working copy and the cast outputs live in buffers
-    that only grow; the base tensor itself is read in place through a short-lived memory
+    that only grow. A footprint merge (dtype kept) reads the base tensor straight into
+    its output buffer (positioned reads: no fault per page of the file) and rewrites only
+    the rectangles; any other merge reads the base in place through a short-lived memory
     map. The cast output alternates between two buffers, so the tensor handed to the
     writer stays intact while the next one is merged (a writer may hash it in the
     background meanwhile). A third output-dtype buffer holds `W' - W` as stored, whose
@@ -312,20 +283,22 @@ class _Workspace:
         self._turn ^= 1
         self._outs[self._turn] = buf = self._grow(self._outs[self._turn], out_bytes)
         out = buf[:out_bytes].view(out_dtype).view(info.shape)
-        with src.mapped(src_name) as raw:
-            if not ops:
-                out.copy_(raw)
-                return out
+        rects = footprint(ops) if ops and out_dtype == torch_dtype(info.dtype) and not needs_base(ops) else None
+        if rects is not None:
+            src.read_into(src_name, memoryview(buf.numpy())[:out_bytes])
             self._work = self._grow(self._work, info.numel)
-            w = self._work[: info.numel].view(info.shape)
-            rects = footprint(ops) if out_dtype == raw.dtype and not needs_base(ops) else None
-            if rects is None:
+            delta = self._merge_footprint(self._work[: info.numel].view(info.shape), out, ops, rects, planned.name)
+        else:
+            with src.mapped(src_name) as raw:
+                if not ops:
+                    out.copy_(raw)
+                    return out
+                self._work = self._grow(self._work, info.numel)
+                w = self._work[: info.numel].view(info.shape)
                 w.copy_(raw)
                 apply_ops(w, ops, raw if needs_base(ops) else None)
                 delta = self._cast_measured(w, raw, out, planned.name)
-            else:
-                delta = self._merge_footprint(w, raw, out, ops, rects, planned.name)
-            del raw
+                del raw
         if delta > 0:
             self.changed += 1
         if delta > self.max_delta:
@@ -333,21 +306,22 @@ class _Workspace:
         return out
 
     @staticmethod
-    def _merge_footprint(w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]],
+    def _merge_footprint(w: torch.Tensor, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]],
                          rects: list[tuple[slice, slice]], name: str) -> float:
-        """`out <- raw + sum dW` when the ops touch only `rects` and the dtype is kept: the
-        rectangles go through `w` (widened, added, cast once), the rest is the base's own
-        bytes, which is what widening and rounding back would give. Returns max |dW| applied."""
+        """`out <- out + sum dW` when `out` holds the base tensor, the ops touch only `rects`
+        and the dtype is kept: the rectangles go through `w` (widened, added, cast once),
+        the rest stays the base's own bytes, which is what widening and rounding back would
+        give. Every rectangle is measured against the base before any is written back
+        (rectangles may overlap). Returns max |dW| applied."""
         for rows, cols in rects:
-            w[rows, cols].copy_(raw[rows, cols])
+            w[rows, cols].copy_(out[rows, cols])
         apply_ops(w, ops, None)
-        out.copy_(raw)
         top = 0.0
         for rows, cols in rects:
-            a = w[rows, cols]
-            out[rows, cols].copy_(a)
-            lo, hi = torch.aminmax(a - raw[rows, cols])
+            lo, hi = torch.aminmax(w[rows, cols] - out[rows, cols])
             top = max(top, -float(lo), float(hi))
+        for rows, cols in rects:
+            out[rows, cols].copy_(w[rows, cols])
         check_finite(out, name)  # the base's values outside the rectangles too, as a full cast would
         return top
 

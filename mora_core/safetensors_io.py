@@ -173,16 +173,26 @@ class SafetensorsFile:
         info = self.tensors[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            view = memoryview(buf.numpy())
-            with open(self.path, "rb", buffering=0) as fh:
-                fh.seek(info.begin)
-                got = 0
-                while got < info.nbytes:
-                    k = fh.readinto(view[got:])
-                    if not k:
-                        self._fail(f"tensor {name!r} is truncated")
-                    got += k
+            self.read_into(name, memoryview(buf.numpy()))
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def read_into(self, name: str, buf: memoryview) -> None:
+        """Read one tensor's bytes into `buf`, a writable byte buffer of exactly its size.
+
+        Positioned reads (the kernel copies from the page cache): no map, so no page faults
+        on the file's pages, and no fresh memory when the caller reuses `buf`.
+        """
+        info = self.tensors[name]
+        if buf.nbytes != info.nbytes:
+            raise ValueError(f"{name}: a buffer of {buf.nbytes} bytes for {info.nbytes}")
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        with open(self.path, "rb", buffering=0) as fh:
+            got = 0
+            while got < info.nbytes:
+                k = os.preadv(fh.fileno(), [view[got:]], info.begin + got)
+                if not k:
+                    self._fail(f"tensor {name!r} is truncated")
+                got += k
 
     def read_all(self) -> dict[str, torch.Tensor]:
         """Every tensor in fresh, owned memory (for files loaded whole, e.g. small models)."""

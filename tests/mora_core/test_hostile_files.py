@@ -206,3 +206,24 @@ def test_rank_pattern_exact_and_regex_ranks(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     a = load_adapter(folder)
     assert {m: a.spec.rank_for(m) for m in a.layers} == {m: (2 if ".2." in m else 4) for m in mods}
+
+
+def test_read_into_fills_a_reused_buffer_and_refuses_a_short_file(tmp_path):
+    from safetensors.torch import save_file
+
+    a = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    b = torch.randn(5, 7)
+    save_file({"a": a, "b": b}, str(tmp_path / "t.safetensors"))
+    f = SafetensorsFile(tmp_path / "t.safetensors")
+    buf = bytearray(b"\xff" * 200)  # one buffer for both, larger than either
+    f.read_into("b", memoryview(buf)[: b.numel() * 4])
+    assert bytes(buf[: b.numel() * 4]) == b.numpy().tobytes()
+    f.read_into("a", memoryview(buf)[:24])
+    assert bytes(buf[:24]) == a.view(torch.int16).numpy().tobytes()
+    with pytest.raises(ValueError, match="a buffer of 23 bytes for 24"):
+        f.read_into("a", memoryview(buf)[:23])
+    with open(tmp_path / "t.safetensors", "r+b") as fh:  # the file shrinks after its header was read
+        fh.truncate(os.path.getsize(tmp_path / "t.safetensors") - 8)
+    last = max(f.tensors.values(), key=lambda t: t.end)
+    with pytest.raises(MoraCoreError, match="truncated"):
+        f.read_into(last.name, memoryview(buf)[: last.nbytes])

@@ -13,7 +13,8 @@ from exporters.safetensors_out import SafetensorsFolderWriter
 from mora_core.adapter import load_adapter
 from mora_core.checkpoint import open_checkpoint
 from mora_core.errors import MergeError
-from mora_core.merge import plan_merge, spare_one_core, stream_merge
+from mora_core.merge import plan_merge, stream_merge
+from mora_core.threads import spare_one_core
 from tests.builders import H, llama_like, mora_shapes, write_mora_adapter, write_tensor_base
 
 
