@@ -9,7 +9,9 @@ Prints medians and ratios measured in the same run, on the CPU provider:
    KV ratio <= 1.5x);
 2. tokens/s of our graph in onnxruntime-genai vs the graph onnxruntime-genai's own
    model builder makes from the same merged folder (target >= 0.9x), and whether the
-   builder's graph passes our generation validation;
+   builder's graph passes our generation validation. "ours" is the default export (for
+   Llama: `exporters.fused_decoder`, fused ONNX Runtime ops, no trace); the torch
+   exporter's traced graph (`graph_writer="torch"`) is measured beside it;
 3. tokens/s of our graph (genai) vs PyTorch eager `generate` with the adapters applied
    unmerged (the reference a user would otherwise serve).
 
@@ -194,6 +196,7 @@ def main() -> None:
             n_params, folders, weights = make_inputs(tmp, args.hidden, args.layers, args.vocab, args.intermediate)
         adapters = [load_adapter(f) for f in folders]
         kv, t_kv = export("kv", provider="cpu")
+        traced, t_traced = export("traced", graph_writer="torch", validate=False)
         plain, _ = export("plain", kv_cache=False, validate=False)
         builder, t_builder = builder_graph(tmp, adapters, weights)
         print(f"model            Llama-like {n_params / 1e6:.1f}M parameters, float32, CPU provider, "
@@ -201,12 +204,15 @@ def main() -> None:
         print(f"our export       {t_kv:7.1f} s (merge + export + validation; generation check "
               f"{kv['validation']['comparisons']['generation']['steps']} steps, max abs "
               f"{kv['validation']['comparisons']['generation']['max_abs_diff']:.2g})")
+        print(f"  graph writer   {kv['export']['exporter']}; export stage {kv['seconds']['export']} s "
+              f"(traced graph: {traced['seconds']['export']} s, whole call {t_traced:.1f} s without validation)")
         print(f"genai builder    {t_builder:7.1f} s (from the merged safetensors folder, no validation)")
 
         lat = {(name, c): decode_latency(folder, c, args.steps, args.reps)
-               for name, folder in (("kv", Path(kv["output"])), ("plain", Path(plain["output"]))) for c in (32, 512)}
+               for name, folder in (("kv", Path(kv["output"])), ("traced", Path(traced["output"])),
+                                    ("plain", Path(plain["output"]))) for c in (32, 512)}
         print("\ndecode latency per token (our ORT loop, median of", args.reps, "x", args.steps, "steps)")
-        for name in ("kv", "plain"):
+        for name in ("kv", "traced", "plain"):
             a, b = lat[(name, 32)], lat[(name, 512)]
             target = "  (target <= 1.5x)" if name == "kv" else ""
             print(f"  {name:<6} ctx 32 {a * 1e3:8.2f} ms   ctx 512 {b * 1e3:8.2f} ms   ratio {b / a:5.2f}x{target}")
@@ -215,8 +221,9 @@ def main() -> None:
         for ctx in (32, 512):
             ours = genai_tps(Path(kv["output"]), ctx, args.new, args.reps)
             theirs = genai_tps(builder, ctx, args.new, args.reps)
+            old = genai_tps(Path(traced["output"]), ctx, args.new, args.reps)
             print(f"  prompt {ctx:>3}: ours {ours:7.1f}   builder {theirs:7.1f}   ratio {ours / theirs:5.2f}x "
-                  "(target >= 0.9x)")
+                  f"(target >= 0.9x)   traced graph {old:7.1f} ({old / theirs:5.2f}x)")
             if ctx == 32:
                 ours32 = ours
         check = validate_builder(builder, tmp / "base", adapters, weights)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from exporters.errors import ExportError, ValidationFailed
+from exporters.fused_decoder import EXPORTER as FUSED_EXPORTER
+from exporters.fused_decoder import fused_refusal, write_fused_decoder
 from exporters.genai_config import GENAI_CONFIG_NAME, genai_config, special_ids
 from exporters.hf_model import check_architecture, load_config, max_positions, task_of
 from exporters.memory import shortfall
@@ -66,6 +68,10 @@ MODEL_DTYPES = {**ONNX_DTYPES, "int4": torch.float32}
 INT4_SHRINK = 4
 # weights above this go to external data (protobuf refuses messages over 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
+TORCH_EXPORTER = "torch.onnx.export(dynamo=True, optimize=True)"
+# `graph_writer`: "auto" writes Llama/Mistral/Qwen2 KV-cache graphs with exporters.fused_decoder
+# (fused ONNX Runtime ops, no trace) and everything else with the torch exporter
+GRAPH_WRITERS = ("auto", "fused", "torch")
 
 StageFn = Callable[[str], None]
 
@@ -88,6 +94,7 @@ def export_merged_onnx(
     external_data: bool | None = None,
     checkpoint: Checkpoint | None = None,
     finish: Callable[[Path, dict[str, Any]], dict[str, str]] | None = None,
+    graph_writer: str = "auto",
 ) -> dict[str, Any]:
     """Merge `adapters` (with `weights`) into the model at `base_dir`, export and validate it.
 
@@ -100,7 +107,12 @@ def export_merged_onnx(
     `validate=False`), `seconds` (per stage). `external_data`: None decides by size
     (above 1 GiB of weights), True/False forces it. `finish(folder, summary)` adds
     files last, in the staged folder (the model card: `exporters.card.OutputCard`).
-    `on_stage(name)` is told as each long stage starts (building, exporting, quantising,
+    `graph_writer`: "auto" (default) writes the KV-cache graph of Llama, Mistral and Qwen2
+    with `exporters.fused_decoder` (fused ONNX Runtime ops: GroupQueryAttention with the
+    padding mask as a bias, RotaryEmbedding, SkipSimplifiedLayerNormalization; written from
+    the merged tensors by name, no trace) and every other graph with `torch.onnx.export`;
+    "torch" forces the torch exporter; "fused" requires the fused writer (an `ExportError`
+    says why a model cannot have it). `on_stage(name)` is told as each long stage starts (building, exporting, quantising,
     validating step by step, writing): the CLI shows it with its elapsed time. Nothing here prints.
 
     Raises `ExportError`/`MergeError` (one line naming the input) for bad input and
@@ -120,6 +132,7 @@ def export_merged_onnx(
     spec = kv_spec(config) if task == "causal-lm" and kv_cache is not False else plain_spec(task, config)
     if spec.kv_cache:
         special_ids(config, checkpoint.root)  # a malformed generation_config.json fails before the export
+    fused = _use_fused(graph_writer, spec, config, base_dir)
     chosen = choose_provider(provider) if validate else None  # before the slow part
 
     seconds: dict[str, float] = {}
@@ -147,8 +160,13 @@ def export_merged_onnx(
         # before a small graph's weights are moved inline (onnx_weights) or int4 is quantised
         first = tmp / ".float32" / GRAPH_NAME if dtype == "int4" else tmp / GRAPH_NAME
         first.parent.mkdir(exist_ok=True)
-        stage("exporting the ONNX graph" + (" with a KV cache" if spec.kv_cache else "") + " (torch.onnx, dynamo)")
-        real_opset = export_graph(built.model, spec, "float32" if dtype == "int4" else dtype, opset, first, True)
+        graph_dtype = "float32" if dtype == "int4" else dtype
+        if fused:
+            stage("writing the fused ONNX graph with a KV cache (GroupQueryAttention, no trace)")
+            real_opset = write_fused_decoder(built.model, spec, graph_dtype, opset, first)
+        else:
+            stage("exporting the ONNX graph" + (" with a KV cache" if spec.kv_cache else "") + " (torch.onnx, dynamo)")
+            real_opset = export_graph(built.model, spec, graph_dtype, opset, first, True)
         built.model = None
         if dtype == "int4":
             stage("quantising to int4 (MatMulNBits)")
@@ -179,7 +197,7 @@ def export_merged_onnx(
             digests[GENAI_CONFIG_NAME] = write_json(
                 tmp / GENAI_CONFIG_NAME, genai_config(config, spec, GRAPH_NAME, checkpoint.root, max_positions(config)))
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
-                         built.layout.ignored, validation, quantization)
+                         built.layout.ignored, validation, quantization, FUSED_EXPORTER if fused else TORCH_EXPORTER)
         digests.update({name: f["sha256"] for name, f in recipe["files"].items()})
         digests[RECIPE_NAME] = write_json(tmp / RECIPE_NAME, recipe)
         if finish is not None:  # the model card (exporters.card), with the validation summary
@@ -215,9 +233,22 @@ def _check_arguments(adapters: Sequence[Adapter], weights: Sequence[float], out_
     refuse_existing(out_dir)
 
 
+def _use_fused(graph_writer: str, spec: GraphSpec, config, base_dir: Path) -> bool:
+    """Whether the graph is written by `exporters.fused_decoder` (see `graph_writer`)."""
+    if graph_writer not in GRAPH_WRITERS:
+        raise ExportError(f"graph writer {graph_writer!r} is not one of {', '.join(GRAPH_WRITERS)}")
+    if graph_writer == "torch":
+        return False
+    why = fused_refusal(config) if spec.kv_cache else "the graph has no KV cache"
+    if graph_writer == "fused" and why is not None:
+        raise ExportError(f"{base_dir}: the fused graph writer cannot write this model: {why}")
+    return why is None
+
+
 def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], weights: Sequence[float],
             dtype: str, accumulate: str, opset: int, untied: dict[str, str], ignored: list[str],
-            validation: dict[str, Any] | None, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+            validation: dict[str, Any] | None, quantization: dict[str, Any] | None = None,
+            exporter: str = TORCH_EXPORTER) -> dict[str, Any]:
     """export.json: how this graph was made, enough to make it again and to check it."""
     from exporters.recipe import tool_versions
 
@@ -247,7 +278,7 @@ def _recipe(folder: Path, config, spec: GraphSpec, adapters: Sequence[Adapter], 
         "dtype": dtype,
         "quantization": quantization,
         "opset": opset,
-        "exporter": "torch.onnx.export(dynamo=True, optimize=True)",
+        "exporter": exporter,
         "accumulate": accumulate,
         "adapters": [{"label": a.label, "kind": a.kind, "weight": w,
                       "path": str(a.path) if a.path is not None else None} for a, w in zip(adapters, weights)],

@@ -405,3 +405,21 @@ def swap_key_and_value_presents(monkeypatch) -> None:
         return (logits, *out)
 
     monkeypatch.setattr(og_mod.KVCacheWrapper, "forward", swapped)
+
+    import exporters.onnx_export as export_mod
+
+    real_write = export_mod.write_fused_decoder
+
+    def write_swapped(model, spec, dtype, opset, path):  # the fused writer: swap the graph's present outputs
+        import onnx
+
+        opset = real_write(model, spec, dtype, opset, path)
+        proto = onnx.load(str(path), load_external_data=False)
+        by_output = {n.output[0]: n for n in proto.graph.node if n.op_type == "Identity"}
+        for i in range(spec.layers):
+            key, value = by_output[f"present.{i}.key"], by_output[f"present.{i}.value"]
+            key.input[0], value.input[0] = value.input[0], key.input[0]
+        onnx.save(proto, str(path))
+        return opset
+
+    monkeypatch.setattr(export_mod, "write_fused_decoder", write_swapped)
