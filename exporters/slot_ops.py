@@ -91,17 +91,18 @@ class MoraBranch:
         """`[..., width] -> [..., out]`, block copies only (an element-wise Gather on the last axis
         costs ~30x more on ONNX Runtime's CPU provider).
 
-        Types 1/3/6 tile the results over the outputs (`Tile` + `Slice`); types 2/4 repeat
-        each result over its group of outputs (`Tile` on a new axis + `Transpose`; the first
-        `out % r_hat` groups are one longer).
+        Types 1/3/6 tile the results over the outputs (one `Concat` of whole copies and a
+        `Slice` of the last: `out` values written, where `Tile` + `Slice` wrote a rounded-up
+        tiling and copied it again); types 2/4 repeat each result over its group of outputs
+        (`Tile` on a new axis + `Transpose`; the first `out % r_hat` groups are one longer).
         """
         op = self.op
         out, width = op.out_features, y.shape[-1]
         lead = [1] * (y.dim() - 1)
-        if op.mora_type in (1, 3, 6):
-            k = -(-out // width)
-            tiled = y if k == 1 else y.repeat(*lead, k)
-            return tiled if k * width == out else tiled[..., :out]
+        if op.mora_type in (1, 3, 6):  # whole copies and the head of one more: one Concat (+ one Slice)
+            full, rest = divmod(out, width)
+            parts = [y] * full + ([y[..., :rest]] if rest else [])
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         q, m = divmod(out, width)
         if q == 0:
             return y[..., :out]
