@@ -59,46 +59,54 @@ def make_inputs(tmp: Path, hidden: int, layers: int, vocab: int, inter: int):
     return sum(p.numel() for p in model.parameters()), [mora, lora], [1.0, 0.5]
 
 
-def decode_latency(folder: Path, context: int, steps: int, reps: int) -> float:
-    """Median seconds per decode step after a prompt of `context` tokens (our ORT loop)."""
+def decode_latencies(folders: list[Path], context: int, steps: int, reps: int) -> list[float]:
+    """Median seconds per decode step after a prompt of `context` tokens (our ORT loop), per graph.
+
+    The graphs take turns rep by rep, so a change of load on the shared machine hits them all alike.
+    """
     from exporters.ort_decoder import OrtDecoder
     from exporters.providers import open_session
 
-    decoder = OrtDecoder(open_session(folder / "model.onnx", "cpu"))
+    decoders = [OrtDecoder(open_session(folder / "model.onnx", "cpu")) for folder in folders]
     rng = np.random.default_rng(0)
-    times = []
+    times: list[list[float]] = [[] for _ in folders]
     for _ in range(reps):
         ids = rng.integers(1, 200, size=(1, context), dtype=np.int64)
-        mask = np.ones_like(ids)
-        _, state = decoder.step(ids, mask, decoder.start(1))
-        t = time.perf_counter()
-        for _ in range(steps):
-            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-            _, state = decoder.step(np.asarray([[7]], dtype=np.int64), mask, state)
-        times.append((time.perf_counter() - t) / steps)
-    return statistics.median(times)
+        for decoder, out in zip(decoders, times):
+            mask = np.ones_like(ids)
+            _, state = decoder.step(ids, mask, decoder.start(1))
+            t = time.perf_counter()
+            for _ in range(steps):
+                mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+                _, state = decoder.step(np.asarray([[7]], dtype=np.int64), mask, state)
+            out.append((time.perf_counter() - t) / steps)
+    return [statistics.median(t) for t in times]
 
 
-def genai_tps(folder: Path, prompt_len: int, new: int, reps: int) -> float:
-    """Median decode tokens/s in onnxruntime-genai (greedy, exactly `new` tokens)."""
+def genai_tps(folders: list[Path], prompt_len: int, new: int, reps: int) -> list[float]:
+    """Median decode tokens/s in onnxruntime-genai (greedy, exactly `new` tokens), per graph.
+
+    The graphs take turns rep by rep (after one warm-up run each), as in `decode_latencies`.
+    """
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    models = [og.Model(str(folder)) for folder in folders]
     prompt = (np.arange(prompt_len, dtype=np.int32) % 250 + 1)[None]
-    rates = []
+    rates: list[list[float]] = [[] for _ in folders]
     for r in range(reps + 1):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_len + new, min_length=prompt_len + new, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt)
-        gen.generate_next_token()
-        t, n = time.perf_counter(), 0
-        while not gen.is_done():
+        for model, out in zip(models, rates):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=prompt_len + new, min_length=prompt_len + new, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(prompt)
             gen.generate_next_token()
-            n += 1
-        if r:  # the first run warms up
-            rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+            t, n = time.perf_counter(), 0
+            while not gen.is_done():
+                gen.generate_next_token()
+                n += 1
+            if r:  # the first run warms up
+                out.append(n / (time.perf_counter() - t))
+    return [statistics.median(r) for r in rates]
 
 
 def torch_tps(base: Path, adapters, weights, prompt_len: int, new: int, reps: int) -> float:
@@ -208,20 +216,23 @@ def main() -> None:
               f"(traced graph: {traced['seconds']['export']} s, whole call {t_traced:.1f} s without validation)")
         print(f"genai builder    {t_builder:7.1f} s (from the merged safetensors folder, no validation)")
 
-        lat = {(name, c): decode_latency(folder, c, args.steps, args.reps)
-               for name, folder in (("kv", Path(kv["output"])), ("traced", Path(traced["output"])),
-                                    ("plain", Path(plain["output"]))) for c in (32, 512)}
-        print("\ndecode latency per token (our ORT loop, median of", args.reps, "x", args.steps, "steps)")
+        names = ("kv", "traced", "plain")
+        lat = {}
+        for c in (32, 512):
+            medians = decode_latencies([Path(x["output"]) for x in (kv, traced, plain)], c, args.steps, args.reps)
+            lat.update({(name, c): m for name, m in zip(names, medians)})
+        print("\ndecode latency per token (our ORT loop, median of", args.reps, "x", args.steps,
+              "steps, the graphs taking turns)")
         for name in ("kv", "traced", "plain"):
             a, b = lat[(name, 32)], lat[(name, 512)]
             target = "  (target <= 1.5x)" if name == "kv" else ""
             print(f"  {name:<6} ctx 32 {a * 1e3:8.2f} ms   ctx 512 {b * 1e3:8.2f} ms   ratio {b / a:5.2f}x{target}")
 
-        print(f"\ntokens/s in onnxruntime-genai (greedy, {args.new} new tokens, median of {args.reps})")
+        print(f"\ntokens/s in onnxruntime-genai (greedy, {args.new} new tokens, median of {args.reps}, "
+              "the graphs taking turns)")
         for ctx in (32, 512):
-            ours = genai_tps(Path(kv["output"]), ctx, args.new, args.reps)
-            theirs = genai_tps(builder, ctx, args.new, args.reps)
-            old = genai_tps(Path(traced["output"]), ctx, args.new, args.reps)
+            ours, theirs, old = genai_tps([Path(kv["output"]), builder, Path(traced["output"])], ctx, args.new,
+                                          args.reps)
             print(f"  prompt {ctx:>3}: ours {ours:7.1f}   builder {theirs:7.1f}   ratio {ours / theirs:5.2f}x "
                   f"(target >= 0.9x)   traced graph {old:7.1f} ({old / theirs:5.2f}x)")
             if ctx == 32:
