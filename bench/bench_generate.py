@@ -67,7 +67,13 @@ def decode_latencies(folders: list[Path], context: int, steps: int, reps: int) -
     from exporters.ort_decoder import OrtDecoder
     from exporters.providers import open_session
 
-    decoders = [OrtDecoder(open_session(folder / "model.onnx", "cpu")) for folder in folders]
+    def decoder(folder: Path) -> OrtDecoder:
+        config = folder / "genai_config.json"  # cache dims for graphs whose inputs are symbolic (builder's)
+        dims = json.loads(config.read_text())["model"]["decoder"] if config.is_file() else None
+        session = open_session(folder / "model.onnx", "cpu")
+        return OrtDecoder(session, dims["num_key_value_heads"], dims["head_size"]) if dims else OrtDecoder(session)
+
+    decoders = [decoder(folder) for folder in folders]
     rng = np.random.default_rng(0)
     times: list[list[float]] = [[] for _ in folders]
     for _ in range(reps):

@@ -66,6 +66,7 @@ def test_fused_graph_passes_generation_validation_with_left_padding(root, name):
     ops = _ops(Path(s["output"]))
     layers = sum(1 for n in s["export"]["inputs"] if n.endswith(".key"))
     assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+    assert ops["MatMul"] == 4 * layers + 1  # packed q/k/v, o, packed gate/up, down; lm_head
     assert ops["Transpose"] == 0 and ops["Where"] == 1  # one mask bias, built once for all layers
 
 
