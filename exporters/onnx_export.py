@@ -195,7 +195,8 @@ def export_merged_onnx(
         digests = copy_side_files(checkpoint.root, tmp, {"tie_word_embeddings": False} if untied else None)
         if spec.kv_cache:
             digests[GENAI_CONFIG_NAME] = write_json(
-                tmp / GENAI_CONFIG_NAME, genai_config(config, spec, GRAPH_NAME, checkpoint.root, max_positions(config)))
+                tmp / GENAI_CONFIG_NAME, genai_config(config, spec, GRAPH_NAME, checkpoint.root, max_positions(config),
+                                                      share_buffer=fused))
         recipe = _recipe(tmp, config, spec, adapters, weights, dtype, accumulate, real_opset, untied,
                          built.layout.ignored, validation, quantization, FUSED_EXPORTER if fused else TORCH_EXPORTER)
         digests.update({name: f["sha256"] for name, f in recipe["files"].items()})

@@ -102,6 +102,8 @@ def test_generation_is_validated_through_the_cache(kv_export):
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert dec["num_key_value_heads"] == (2 if kind == "qwen2" else 4) and dec["head_size"] == 8
     assert cfg["model"]["vocab_size"] == BPE_VOCAB and cfg["model"]["eos_token_id"] == 0
+    # the fused Qwen2 graph updates genai's preallocated cache in place; the traced GPT-2 one cannot
+    assert cfg["search"]["past_present_share_buffer"] is (kind == "qwen2")
 
 
 def test_onnxruntime_genai_generates_what_pytorch_generates(kv_export, root):
