@@ -16,6 +16,11 @@ error of each step's logits (`||onnx - ref|| / ||ref||`) within `rtol`; their gr
 tokens are not required to agree (4-bit rounding flips near-flat logits; random-weight
 models have many), the disagreements are counted in the report instead.
 
+Since the reference alone chooses the tokens, its side runs first and is recorded
+(`record_generation`: the fed ids, the mask and the logits of every step, a few MB), then
+the graph replays the same inputs (`compare_recorded`): validation frees the PyTorch model
+before ONNX Runtime loads the graph, so the two are never in memory together.
+
 Cases: one unpadded row, and a batch of 3 rows left-padded to different lengths
 (position ids `cumsum(mask) - 1`, as transformers' `generate` and onnxruntime-genai use).
 """
@@ -23,6 +28,7 @@ Cases: one unpadded row, and a batch of 3 rows left-padded to different lengths
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,25 +65,67 @@ def _torch_step(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, cache
     return out.logits.float().numpy()
 
 
-def compare_generation(decoder: OrtDecoder, reference: torch.nn.Module,
-                       prompts: Sequence[tuple[np.ndarray, np.ndarray]], atol: float, rtol: float,
-                       steps: int = GENERATION_STEPS, norm: bool = False) -> dict[str, Any]:
-    """Prefill + `steps` greedy decode steps of each prompt on both sides; the comparison report."""
+@dataclass(frozen=True)
+class Step:
+    """One step of the reference's generation: what was fed and the logits it gave."""
+
+    input_ids: np.ndarray  # [batch, new]: the prompt at step 0, then the reference's greedy tokens
+    attention_mask: np.ndarray  # [batch, past + new]
+    logits: np.ndarray  # [batch, new, vocab], float32
+
+
+@dataclass(frozen=True)
+class RecordedGeneration:
+    """The reference's prefill and greedy decode steps for one prompt."""
+
+    prompt: tuple[np.ndarray, np.ndarray]  # (ids, mask) as given
+    steps: list[Step]
+
+
+def record_generation(reference: torch.nn.Module, prompts: Sequence[tuple[np.ndarray, np.ndarray]],
+                      steps: int = GENERATION_STEPS) -> list[RecordedGeneration]:
+    """Prefill + `steps` greedy decode steps of each prompt on the reference, with its own cache.
+
+    Teacher forcing makes the reference alone define the path (every step feeds the
+    reference's greedy token), so its logits can be recorded first and the model freed
+    before ONNX Runtime loads the graph: the two never need to be in memory together.
+    The record is small (one row of logits per generated token).
+    """
     from transformers import DynamicCache
 
-    cases = []
+    out = []
     for ids, mask in prompts:
         batch = ids.shape[0]
-        state = decoder.start(batch)
         cache = DynamicCache()
+        record = []
+        new_ids, total_mask = ids, mask
+        for _ in range(steps + 1):  # step 0 is the prefill
+            logits = _torch_step(reference, new_ids, total_mask, cache)
+            record.append(Step(new_ids, total_mask, logits))
+            new_ids = logits[:, -1].astype(np.float64).argmax(axis=-1)[:, None].astype(np.int64)
+            total_mask = np.concatenate([total_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        del cache
+        out.append(RecordedGeneration((ids, mask), record))
+    return out
+
+
+def compare_recorded(decoder: OrtDecoder, recorded: Sequence[RecordedGeneration], atol: float, rtol: float,
+                     norm: bool = False) -> dict[str, Any]:
+    """Run each recorded generation's inputs through the graph (its own cache) and compare every step."""
+    cases = []
+    steps = 0
+    for rec in recorded:
+        ids, mask = rec.prompt
+        batch = ids.shape[0]
+        steps = len(rec.steps) - 1
+        state = decoder.start(batch)
         worst: dict[str, Any] = {"worst_ratio": 0.0, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "max_rel_rms": 0.0,
                                  "min_top1_agreement": 1.0, "step": 0}
         mismatch = None
         near_ties = disagreements = 0
-        new_ids, total_mask = ids, mask
-        for step in range(steps + 1):  # step 0 is the prefill
+        for step, ref in enumerate(rec.steps):
+            new_ids, total_mask, ref_logits = ref.input_ids, ref.attention_mask, ref.logits
             onnx_logits, state = decoder.step(new_ids, total_mask, state)
-            ref_logits = _torch_step(reference, new_ids, total_mask, cache)
             stats = diff_stats(onnx_logits, ref_logits, total_mask[:, -new_ids.shape[1]:], atol, rtol, norm)
             worst["max_abs_diff"] = max(worst["max_abs_diff"], stats["max_abs_diff"])
             worst["max_rel_diff"] = max(worst["max_rel_diff"], stats["max_rel_diff"])
@@ -102,8 +150,6 @@ def compare_generation(decoder: OrtDecoder, reference: torch.nn.Module,
                     mismatch = {"step": step, "row": int(row), "onnx": int(onnx_next[row]),
                                 "reference": int(ref_next[row]), "margin": float(margin[row]),
                                 "near_tie": float(tie[row])}
-            new_ids = ref_next[:, None].astype(np.int64)
-            total_mask = np.concatenate([total_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         cases.append({"batch": int(batch), "prompt": int(ids.shape[1]),
                       "padded_rows": int((mask == 0).any(axis=1).sum()), "steps": steps,
                       **worst, "near_ties": near_ties, "top1_disagreements": disagreements,
@@ -124,6 +170,16 @@ def compare_generation(decoder: OrtDecoder, reference: torch.nn.Module,
         "top1_disagreements": sum(c["top1_disagreements"] for c in cases),
         "cases": cases,
     }
+
+
+def compare_generation(decoder: OrtDecoder, reference: torch.nn.Module,
+                       prompts: Sequence[tuple[np.ndarray, np.ndarray]], atol: float, rtol: float,
+                       steps: int = GENERATION_STEPS, norm: bool = False) -> dict[str, Any]:
+    """Prefill + `steps` greedy decode steps of each prompt on both sides; the comparison report.
+
+    `record_generation` then `compare_recorded`: the same report whichever side runs first.
+    """
+    return compare_recorded(decoder, record_generation(reference, prompts, steps), atol, rtol, norm)
 
 
 def generation_failure_line(comparison: dict[str, Any], provider: str, atol: float, rtol: float) -> str:

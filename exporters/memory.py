@@ -1,14 +1,16 @@
 """Will the validation fit in memory? Estimated before the slow part, refused clearly if not.
 
-Validation holds, one after the other (never together): the ONNX Runtime session of the
-graph, then the float32 PyTorch reference. Measured on the CPU provider
-(bench/bench_onnx_export.py, 106M-parameter Llama): a float32 graph's session costs
-about its weight bytes (external data is memory-mapped); a float16 graph's costs about
-2.5x its weight bytes, because ONNX Runtime's CPU kernels run float32 and it inserts
-casts of every weight; int4 MatMulNBits weights are used packed. The reference costs its
-float32 parameter bytes. When the larger of the two exceeds the memory the system says
-is available, validation cannot run here: that is a failed check with its own message,
-not an out-of-memory kill halfway, and not a silent skip.
+Validation holds, one after the other (never together): the float32 PyTorch reference
+(built, run on every case and the recorded generation, then released), then one ONNX
+Runtime session of the graph. Measured on the CPU provider (bench/bench_onnx_export.py,
+106M-parameter Llama; bench/trace_onnx_memory.py gives the per-stage figures): a float32
+graph's session costs about its weight bytes (external data is memory-mapped, pre-packed
+MatMul weights replace the mapped ones); a float16 graph's costs about 2-2.5x its weight
+bytes, because ONNX Runtime's CPU kernels run float32 and it keeps float32 copies of the
+weights; int4 MatMulNBits weights are used packed. The reference costs its float32
+parameter bytes. When the larger of the two exceeds the memory the system says is
+available, validation cannot run here: that is a failed check with its own message, not
+an out-of-memory kill halfway, and not a silent skip.
 """
 
 from __future__ import annotations
@@ -31,14 +33,39 @@ def validation_need(graph_bytes: int, reference_bytes: int, dtype: str, provider
     return max(session, reference_bytes) + HEADROOM
 
 
-def shortfall(graph_bytes: int, reference_bytes: int, dtype: str, provider: str) -> str | None:
-    """None when validation fits in the available memory, else the sentence that says why not."""
-    have = available_bytes()
+def shortfall(graph_bytes: int, reference_bytes: int, dtype: str, provider: str, released: int = 0) -> str | None:
+    """None when validation fits in the available memory, else the sentence that says why not.
+
+    `released`: bytes this process holds now and frees before validation starts (the
+    exported model), counted as available.
+    """
+    have = available_bytes() + released
     need = validation_need(graph_bytes, reference_bytes, dtype, provider)
     if need <= have:
         return None
     gb = 1 << 30
     return (f"validation cannot run in the memory available on {provider}: it needs about {need / gb:.1f} GiB "
-            f"(a {dtype} graph of {graph_bytes / gb:.1f} GiB in ONNX Runtime, then a float32 PyTorch reference "
+            f"(a {dtype} graph of {graph_bytes / gb:.1f} GiB in ONNX Runtime after a float32 PyTorch reference "
             f"of {reference_bytes / gb:.1f} GiB) and {have / gb:.1f} GiB is available; nothing was written "
             "(--no-validate exports without the check)")
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system before the next large allocation.
+
+    A freed model's tensors below glibc's (self-raising, up to 32 MB) mmap threshold stay
+    in malloc's heap after they are freed: resident, and counted again when ONNX Runtime
+    then allocates its own buffers. A garbage collection (reference cycles of modules)
+    and `malloc_trim(0)` return them; on a C library without `malloc_trim` this is only
+    the collection.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

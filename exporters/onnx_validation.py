@@ -22,14 +22,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from exporters.generation_check import (
-    compare_generation,
+    RecordedGeneration,
+    compare_recorded,
     generation_failure_line,
     generation_prompts,
+    record_generation,
 )
 from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, load_weights, max_positions
+from exporters.memory import release_memory
 from exporters.model_build import DeferredModel
 from exporters.onnx_graph import GraphSpec, PlainWrapper
 from exporters.ort_decoder import OrtDecoder, positions
@@ -55,11 +59,15 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
                    on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the graph on `provider` and compare it with the merged and the unmerged PyTorch model.
 
-    `model` holds the merged weights (float32), or is a `DeferredModel` built after the
-    ONNX Runtime session is closed (one of the two in memory at a time); `restore` maps every tensor the merge
-    changed (and every untied alias) to its base value, for the unmerged reference. On
-    return `model` holds the base weights. The report is JSON-able. `on_stage(name)` is told
-    as each step starts (running the graph, each PyTorch reference, generation).
+    `model` holds the merged weights (float32), or is a `DeferredModel` built here and
+    released before ONNX Runtime loads the graph; `restore` maps every tensor the merge
+    changed (and every untied alias) to its base value, for the unmerged reference. The
+    PyTorch side runs first and its outputs are kept (the shape cases' logits and the
+    generation's steps: a few MB to a few hundred MB, against GB of weights), then one
+    ONNX Runtime session runs every case: the reference and the session are never in
+    memory together, and the peak is the larger of the two. A `model` passed as a module
+    holds the base weights on return. The report is JSON-able. `on_stage(name)` is told
+    as each step starts (each PyTorch reference, running the graph, generation).
     """
     stage = on_stage or (lambda name: None)
     config = model.config
@@ -68,53 +76,35 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
     max_len = min(VALIDATION_MAX_LEN, max_positions(config))
     cases = make_cases(int(config.vocab_size), max_len, PADDING_SIDE[task],
                        token_types="token_type_ids" in spec.input_names)
+    prompts = generation_prompts(int(config.vocab_size), max_len) if spec.kv_cache else []
+    norm = dtype == "int4"
+    refs, recorded = _reference_outputs(model, spec, cases, restore, adapters, weights, prompts, stage)
+    release_memory()  # the reference's weights go back to the system before the session maps the graph
+
+    comparisons: dict[str, dict[str, Any]] = {}
     try:
-        stage(f"validating: running the graph on {provider} ({len(cases)} shapes)")
-        session = open_session(graph, provider)
+        stage(f"validating: running the graph on {provider} ({len(cases)} shapes"
+              + (", then generation through the KV cache)" if spec.kv_cache else ")"))
+        session = open_session(graph, provider, low_memory=True)
         if spec.kv_cache:
             decoder = OrtDecoder(session)
             outputs = [decoder.step(c.input_ids, c.attention_mask, decoder.start(len(c.input_ids)))[0]
                        for c in cases]
         else:
             outputs = [session.run([out_name], c.feed(spec.input_names))[0] for c in cases]
+        for key, name in (("merged_pytorch", "merged PyTorch model"),
+                          ("unmerged_pytorch", "base + unmerged adapters (PyTorch)")):
+            comparisons[key] = compare(name, cases, outputs, refs[key], atol, rtol, norm=norm)
+        del outputs
+        if spec.kv_cache:
+            comparisons["generation"] = compare_recorded(decoder, recorded, atol, rtol, norm=norm)
+            del decoder
     except Exception as exc:  # the graph does not load or run: that is a failed check too
         return {"passed": False, "provider": provider, "requested_provider": requested,
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
-    stage("validating: vs the merged PyTorch model")
-    if isinstance(model, DeferredModel):  # built now: the session's memory is released
-        model = model.build()
-    wrapper = PlainWrapper(model, task).eval()
-
-    def torch_run(case: Case):
-        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
-        with torch.no_grad():
-            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
-                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
-                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
-            types = None if case.token_type_ids is None else torch.from_numpy(case.token_type_ids)
-            return wrapper(ids, mask, types).numpy()
-
-    comparisons = {"merged_pytorch": compare("merged PyTorch model", cases, outputs, torch_run, atol, rtol,
-                                                 norm=dtype == "int4")}
-    # the same module, back to the base weights, with the adapters as unmerged branches
-    stage("validating: vs the base with the adapters unmerged")
-    load_weights(model, restore)
-    with apply_unmerged(model, adapters, weights):
-        comparisons["unmerged_pytorch"] = compare("base + unmerged adapters (PyTorch)", cases, outputs,
-                                                  torch_run, atol, rtol, norm=dtype == "int4")
-        if spec.kv_cache:  # a second session, opened after the first was released
-            stage("validating: generation through the KV cache")
-            try:
-                decoder = OrtDecoder(open_session(graph, provider))
-                comparisons["generation"] = compare_generation(
-                    decoder, model, generation_prompts(int(config.vocab_size), max_len), atol, rtol,
-                    norm=dtype == "int4")
-            except Exception as exc:
-                return {"passed": False, "provider": used, "requested_provider": requested,
-                        "failure": _cannot_run(used, exc)}
-            del decoder
+    release_memory()
     report: dict[str, Any] = {
         "provider": used,
         "requested_provider": requested,
@@ -134,3 +124,40 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
         line = generation_failure_line if key == "generation" else failure_line
         report["failure"] = line(failed, used, atol, rtol)
     return report
+
+
+def _reference_outputs(model: torch.nn.Module | DeferredModel, spec: GraphSpec, cases: Sequence[Case],
+                       restore: Mapping[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float],
+                       prompts: Sequence[tuple[np.ndarray, np.ndarray]],
+                       stage: Callable[[str], None]) -> tuple[dict[str, list[np.ndarray]], list[RecordedGeneration]]:
+    """The PyTorch side of every comparison, computed before any ONNX Runtime session exists.
+
+    Merged model on the shape cases, then the same module back on the base weights with
+    the adapters as unmerged branches on the shape cases and (KV graphs) the recorded
+    greedy generation of `prompts`. A `DeferredModel` is built here and released on return.
+    """
+    stage("validating: vs the merged PyTorch model")
+    if isinstance(model, DeferredModel):  # built now, dropped when this function returns
+        model = model.build()
+    wrapper = PlainWrapper(model, spec.task).eval()
+
+    def torch_run(case: Case) -> np.ndarray:
+        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
+        with torch.no_grad():
+            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
+                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
+                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
+            types = None if case.token_type_ids is None else torch.from_numpy(case.token_type_ids)
+            return wrapper(ids, mask, types).numpy()
+
+    refs = {"merged_pytorch": [torch_run(c) for c in cases]}
+    # the same module, back to the base weights, with the adapters as unmerged branches
+    stage("validating: vs the base with the adapters unmerged")
+    load_weights(model, restore)
+    recorded: list[RecordedGeneration] = []
+    with apply_unmerged(model, adapters, weights):
+        refs["unmerged_pytorch"] = [torch_run(c) for c in cases]
+        if prompts:
+            stage("validating: generation through the KV cache (PyTorch reference)")
+            recorded = record_generation(model, prompts)
+    return refs, recorded

@@ -108,13 +108,24 @@ def choose_provider(requested: str, probe: Probe | None = None) -> str:
     return requested
 
 
-def open_session(model_path: str | Path, provider: str, intra_op_threads: int | None = None):
-    """An InferenceSession for `provider` (short name), with its fallback chain."""
+def open_session(model_path: str | Path, provider: str, intra_op_threads: int | None = None,
+                 low_memory: bool = False):
+    """An InferenceSession for `provider` (short name), with its fallback chain.
+
+    `low_memory` (validation): no CPU memory arena, which keeps its high-water mark for
+    the session's life; the same kernels run on the same values (logits measured bit for
+    bit equal). Weight pre-packing stays on although it costs a transient copy of each
+    MatMul weight: turning it off picks other MLAS kernels, whose results differ in the
+    last bits (~3e-7 on the 106M bench model's logits), and validation checks what a
+    default session serves.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
+    if low_memory:
+        opts.enable_cpu_mem_arena = False
     with quiet_ort():
         return ort.InferenceSession(str(model_path), sess_options=opts, providers=provider_chain(provider))
 

@@ -120,11 +120,14 @@ def diff_stats(out: np.ndarray, ref: np.ndarray, mask: np.ndarray, atol: float, 
 
 
 def compare(name: str, cases: Sequence[Case], outputs: Sequence[np.ndarray],
-            reference: Callable[[Case], np.ndarray], atol: float, rtol: float, norm: bool = False) -> dict:
-    """One comparison (ONNX outputs vs `reference(case)` for every case), with per-case details."""
+            reference: Callable[[Case], np.ndarray] | Sequence[np.ndarray], atol: float, rtol: float,
+            norm: bool = False) -> dict:
+    """One comparison (ONNX outputs vs `reference(case)`, or the computed references in case
+    order, for every case), with per-case details."""
     per_case = []
-    for case, out in zip(cases, outputs):
-        stats = diff_stats(out, reference(case), case.attention_mask, atol, rtol, norm)
+    for i, (case, out) in enumerate(zip(cases, outputs)):
+        ref = reference(case) if callable(reference) else reference[i]
+        stats = diff_stats(out, ref, case.attention_mask, atol, rtol, norm)
         per_case.append({**case.describe(), **stats})
     worst = max(per_case, key=lambda c: c["worst_ratio"])
     return {

@@ -70,7 +70,7 @@ def test_merge_shows_stages_with_elapsed_time_on_a_tty_and_nothing_when_piped(tm
 
 def test_onnx_export_and_validation_show_their_stages_ticking(tmp_path):
     """The ONNX export itself (one long call that reports nothing) ticks its elapsed seconds;
-    validation names each comparison."""
+    validation names each comparison, the PyTorch references first (then the model is freed)."""
     base = write_model_base(tmp_path / "bert", "bert")
     adapter = write_mora_adapter(tmp_path / "m", linear_shapes("bert"), mora_type=6, seed=1, scale=0.05)
     code, out, tty = run_on_pty(["merge", adapter, "--base", base, "--to", "onnx", "-o", tmp_path / "out",
@@ -79,8 +79,8 @@ def test_onnx_export_and_validation_show_their_stages_ticking(tmp_path):
     seen = stages(tty)
     expected = ["resolving the base and the adapters", "building the merged model (bert, float32)",
                 "exporting the ONNX graph (torch.onnx, dynamo)", "writing the weights into model.onnx",
-                "validating: running the graph on cpu (5 shapes)", "validating: vs the merged PyTorch model",
-                "validating: vs the base with the adapters unmerged",
+                "validating: vs the merged PyTorch model", "validating: vs the base with the adapters unmerged",
+                "validating: running the graph on cpu (5 shapes)",
                 "writing side files, export.json and the model card"]
     assert [name for name in seen if name in expected] == expected, list(seen)  # in this order
     export = seen["exporting the ONNX graph (torch.onnx, dynamo)"]

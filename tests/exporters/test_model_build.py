@@ -167,3 +167,35 @@ def test_validation_that_cannot_fit_in_memory_is_refused(root, monkeypatch):
     assert not (root / "gpt2-no-memory").exists()
     assert memory.validation_need(1 << 30, 1 << 30, "float16", "cpu") > memory.validation_need(
         1 << 30, 1 << 30, "float32", "cpu")
+
+
+def test_validation_never_holds_a_pytorch_model_and_a_session_together(root, monkeypatch):
+    """Every model built for the export or its references is gone (collected) before the one
+    ONNX Runtime session of the validation opens: the peak is the larger of the two, not the sum."""
+    import gc
+    import weakref
+
+    import exporters.onnx_export as onnx_export
+    import exporters.onnx_validation as onnx_validation
+
+    base, adapters, weights = _case(root, "llama")
+    built: list[weakref.ref] = []
+    alive_at_open: list[int] = []
+    real_build, real_open = onnx_export.merged_model, onnx_validation.open_session
+
+    def tracked_build(*args, **kwargs):
+        out = real_build(*args, **kwargs)
+        built.append(weakref.ref(out.model))
+        return out
+
+    def tracked_open(*args, **kwargs):
+        gc.collect()
+        alive_at_open.append(sum(r() is not None for r in built))
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "merged_model", tracked_build)
+    monkeypatch.setattr(onnx_validation, "open_session", tracked_open)
+    s = export_merged_onnx(base, adapters, weights, root / "llama-one-at-a-time")
+    assert s["validation"]["passed"] and "generation" in s["validation"]["comparisons"]
+    assert len(built) == 2  # the export's model, then the float32 reference
+    assert alive_at_open == [0]  # one session, opened once both models were released
