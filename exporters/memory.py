@@ -69,3 +69,33 @@ def release_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# attributes in which onnxscript's pattern matchers keep the graph they last matched
+_MATCHER_STATE = ("_graph", "_current_node", "_tracer", "_match")
+
+
+def forget_exported_graph() -> int:
+    """Drop the last exported graph that torch.onnx's optimizer keeps alive; returns how many holders.
+
+    `torch.onnx.export(optimize=True)` runs onnxscript's rewriter, whose rules are module
+    level objects; each rule's `SimplePatternMatcher` keeps the graph it last matched in
+    its state (onnxscript 0.7). That graph's initializers wrap the exported module's
+    parameters, so the whole model stayed resident after the export, beside the
+    validation's reference (bench/trace_onnx_memory.py: +4.4 GB on the 1.1B model). The
+    state is re-initialised by the matcher at its next match, so clearing it is safe.
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter import _matcher
+    except ImportError:  # no onnxscript: nothing kept
+        return 0
+    cleared = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, _matcher.PatternMatcher) and any(a in vars(obj) for a in _MATCHER_STATE):
+            for attr in _MATCHER_STATE:
+                if attr in vars(obj):
+                    setattr(obj, attr, None)
+            cleared += 1
+    return cleared

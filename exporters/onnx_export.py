@@ -33,7 +33,7 @@ from exporters.fused_decoder import EXPORTER as FUSED_EXPORTER
 from exporters.fused_decoder import fused_refusal, write_fused_decoder
 from exporters.genai_config import GENAI_CONFIG_NAME, genai_config, special_ids
 from exporters.hf_model import check_architecture, load_config, max_positions, task_of
-from exporters.memory import release_memory, shortfall
+from exporters.memory import forget_exported_graph, release_memory, shortfall
 from exporters.model_build import BaseValues, DeferredModel, merged_model
 from exporters.onnx_graph import (
     MAX_OPSET,
@@ -168,6 +168,7 @@ def export_merged_onnx(
             stage("exporting the ONNX graph" + (" with a KV cache" if spec.kv_cache else "") + " (torch.onnx, dynamo)")
             real_opset = export_graph(built.model, spec, graph_dtype, opset, first, True)
         built.model = None
+        forget_exported_graph()  # torch.onnx's optimizer would keep the model alive
         release_memory()  # the model's freed tensors back to the system before the next stage
         if dtype == "int4":
             stage("quantising to int4 (MatMulNBits)")
