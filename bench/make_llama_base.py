@@ -56,7 +56,7 @@ def write_base(folder: Path, shapes_name: str, dtype: str = "bfloat16", shard_by
     import torch
     from transformers import LlamaConfig
 
-    from mora_core.safetensors_io import PlannedTensor, StreamingSafetensorsWriter, dtype_code
+    from mora_core.safetensors_io import PlannedTensor, dtype_code, encode_header
 
     cfg = dict(SHAPES[shapes_name])
     tdtype = getattr(torch, dtype)
@@ -77,16 +77,16 @@ def write_base(folder: Path, shapes_name: str, dtype: str = "bfloat16", shard_by
         f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_map = {}
     for shard_name, shard in zip(names, shards):
-        writer = StreamingSafetensorsWriter(folder / shard_name, shard, metadata={"format": "pt"})
-        for t in shard:
-            if len(t.shape) == 1:
-                value = torch.ones(t.shape, dtype=tdtype)
-            else:
-                value = (torch.randn(t.shape, generator=gen) * 0.02).to(tdtype)
-            writer.write(t.name, value)
-            weight_map[t.name] = shard_name
-            del value
-        writer.close()
+        with open(folder / shard_name, "wb") as out:  # header, then the tensors back to back in its order
+            out.write(encode_header(shard, {"format": "pt"}))
+            for t in shard:
+                if len(t.shape) == 1:
+                    value = torch.ones(t.shape, dtype=tdtype)
+                else:
+                    value = (torch.randn(t.shape, generator=gen) * 0.02).to(tdtype)
+                out.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+                weight_map[t.name] = shard_name
+                del value
     if len(shards) > 1:
         total = sum(t.nbytes for s in shards for t in s)
         (folder / "model.safetensors.index.json").write_text(

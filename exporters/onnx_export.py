@@ -182,8 +182,9 @@ def export_merged_onnx(
         validation = None
         if validate:
             t = time.perf_counter()
-            # the float32 reference is built after the session closed; the base value of each
-            # changed tensor is read back from the base files when the unmerged pass needs it
+            # the float32 reference is built now (the export's model is gone) and released before
+            # the session opens; the base value of each changed tensor is read back from the
+            # base files when the unmerged pass needs it
             reference = DeferredModel(config, lambda: merged_model(
                 config, checkpoint, adapters, weights, accumulate=ACCUMULATE[accumulate]).model)
             validation = validate_graph(tmp / GRAPH_NAME, spec, reference, BaseValues(built.layout, built.changed()),
