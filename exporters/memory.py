@@ -91,11 +91,19 @@ def forget_exported_graph() -> int:
         from onnxscript.rewriter import _matcher
     except ImportError:  # no onnxscript: nothing kept
         return 0
+    frozen = gc.get_freeze_count() > 0  # `gc.freeze()`d objects are not listed by get_objects
+    if frozen:  # (the CLI and `run_merge` freeze what their imports left alive)
+        gc.unfreeze()
     cleared = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, _matcher.PatternMatcher) and any(a in vars(obj) for a in _MATCHER_STATE):
-            for attr in _MATCHER_STATE:
-                if attr in vars(obj):
-                    setattr(obj, attr, None)
-            cleared += 1
+    try:
+        for obj in gc.get_objects():
+            if isinstance(obj, _matcher.PatternMatcher) and any(a in vars(obj) for a in _MATCHER_STATE):
+                for attr in _MATCHER_STATE:
+                    if attr in vars(obj):
+                        setattr(obj, attr, None)
+                cleared += 1
+    finally:
+        if frozen:  # the graph (and the model it held) is garbage now: collected, not frozen
+            gc.collect()
+            gc.freeze()
     return cleared
