@@ -51,6 +51,9 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 @click.option("--no-kv-cache", is_flag=True,
               help="Decoders: export the plain graph (input_ids, attention_mask -> logits) without KV cache "
                    "or genai_config.json.")
+@click.option("--graph-writer", default="auto", type=click.Choice(["auto", "fused", "torch"]),
+              help="ONNX decoders with a KV cache: auto writes Llama/Mistral/Qwen2 with ONNX Runtime's fused ops "
+                   "(exporters.fused_decoder) and traces the rest with torch.onnx; fused or torch forces one.")
 @click.option("--allow-base-mismatch", is_flag=True,
               help="Merge even if --base differs from the base recorded when an adapter was pushed.")
 @click.option("--register/--no-register", default=True,
@@ -58,7 +61,8 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
 @store_options
 def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, weights: tuple[float, ...],
           dtype: str, accumulate: str, max_shard_bytes: int | None, opset: int | None, provider: str,
-          atol: float | None, rtol: float | None, no_validate: bool, no_kv_cache: bool, allow_base_mismatch: bool,
+          atol: float | None, rtol: float | None, no_validate: bool, no_kv_cache: bool, graph_writer: str,
+          allow_base_mismatch: bool,
           register: bool, home: str | None, db_url: str | None, as_json: bool) -> None:
     """Merge ADAPTER(s) into the model at --base and write it --to safetensors or onnx.
 
@@ -79,7 +83,7 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
     opts = MergeOptions(
         adapters=list(adapters), base_dir=base_dir if is_hub_ref(base_dir) else Path(base_dir), target=target, out_dir=out_dir, weights=list(weights) or None,
         dtype=dtype, accumulate=accumulate, max_shard_bytes=max_shard_bytes, opset=opset, provider=provider,
-        atol=atol, rtol=rtol, validate=not no_validate, kv_cache=not no_kv_cache,
+        atol=atol, rtol=rtol, validate=not no_validate, kv_cache=not no_kv_cache, graph_writer=graph_writer,
         allow_base_mismatch=allow_base_mismatch,
         home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register,
         progress=progress.update if target == "safetensors" else None, on_stage=progress.stage)

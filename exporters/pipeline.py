@@ -53,6 +53,7 @@ class MergeOptions:
         max_shard_bytes: repack safetensors shards to at most this; None keeps the base's sharding.
         opset, provider, atol, rtol, validate: the ONNX export and its validation.
         kv_cache: decoders get the KV-cache graph + genai_config.json (False: the plain graph).
+        graph_writer: "auto", "fused" or "torch" (`exporters.onnx_export.export_merged_onnx`).
         allow_base_mismatch: merge a registry version onto a base other than the one recorded.
         home, db_url, blob_url: the registry (for references and registration).
         register: record the output as an artifact (ONNX: only when validated).
@@ -78,6 +79,7 @@ class MergeOptions:
     rtol: float | None = None
     validate: bool = True
     kv_cache: bool = True
+    graph_writer: str = "auto"
     allow_base_mismatch: bool = False
     home: Path | None = None
     db_url: str | None = None
@@ -217,7 +219,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
                 dtype="float32" if opts.dtype == "auto" else opts.dtype, opset=opts.opset,
                 provider=opts.provider, atol=opts.atol, rtol=opts.rtol, validate=opts.validate,
                 accumulate=opts.accumulate, on_stage=opts.on_stage, checkpoint=checkpoint, finish=card,
-                kv_cache=None if opts.kv_cache else False)}
+                kv_cache=None if opts.kv_cache else False, graph_writer=opts.graph_writer)}
         if base_digests is not None:
             opts.stage("hashing the base (for the record)")
         base_files = base_digests.result(registry.get()) if base_digests is not None else {}

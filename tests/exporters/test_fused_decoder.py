@@ -8,6 +8,7 @@ exporter's graph of the same merge run step by step on ONNX Runtime.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -145,3 +146,24 @@ def test_writer_choice_and_refusals(root, tmp_path):
     with pytest.raises(ExportError, match="graph writer 'onnx' is not one of auto, fused, torch"):
         export_merged_onnx(base, [], [], tmp_path / "out", graph_writer="onnx")
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_cli_graph_writer_option(root, tmp_path):
+    """`adapters merge --to onnx --graph-writer torch` traces a Llama (the escape from the fused
+    writer); `fused` on GPT-2 is one error line, exit 2, no output."""
+    from tests.cli_runner import invoke
+
+    base, _, _ = _inputs(root, "llama")
+    env = {"ADAPTERS_HOME": str(tmp_path / "home")}
+    out = tmp_path / "traced"
+    r = invoke(["merge", root / "llama-lora", "--base", base, "--to", "onnx", "-o", out, "--graph-writer", "torch",
+                "--no-register", "--json"], env)
+    assert r.code == 0, r.err
+    assert r.json()["export"]["exporter"] == json.loads((out / "export.json").read_text())["exporter"]
+    assert not r.json()["export"]["exporter"].startswith("exporters.fused_decoder")
+    gpt2 = write_model_base(tmp_path / "gpt2", "gpt2")
+    write_lora_adapter(tmp_path / "gpt2-lora", gpt2, "gpt2", ["c_attn"])
+    r = invoke(["merge", tmp_path / "gpt2-lora", "--base", gpt2, "--to", "onnx", "-o", tmp_path / "o",
+                "--graph-writer", "fused", "--no-register"], env)
+    assert r.code == 2 and r.err.count("\n") == 1 and "fused graph writer cannot write this model" in r.err
+    assert not (tmp_path / "o").exists()
