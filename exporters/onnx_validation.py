@@ -126,6 +126,23 @@ def validate_graph(graph: Path, spec: GraphSpec, model: torch.nn.Module | Deferr
     return report
 
 
+def torch_runner(model: torch.nn.Module, spec: GraphSpec) -> Callable[[Case], np.ndarray]:
+    """`case -> logits or hidden states` of a PyTorch model fed as the graph of `spec` is fed
+    (KV graphs: position ids `cumsum(mask) - 1`, no cache; encoders: token types when given)."""
+    wrapper = PlainWrapper(model, spec.task).eval()
+
+    def run(case: Case) -> np.ndarray:
+        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
+        with torch.no_grad():
+            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
+                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
+                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
+            types = None if case.token_type_ids is None else torch.from_numpy(case.token_type_ids)
+            return wrapper(ids, mask, types).numpy()
+
+    return run
+
+
 def _reference_outputs(model: torch.nn.Module | DeferredModel, spec: GraphSpec, cases: Sequence[Case],
                        restore: Mapping[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float],
                        prompts: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -139,17 +156,7 @@ def _reference_outputs(model: torch.nn.Module | DeferredModel, spec: GraphSpec, 
     stage("validating: vs the merged PyTorch model")
     if isinstance(model, DeferredModel):  # built now, dropped when this function returns
         model = model.build()
-    wrapper = PlainWrapper(model, spec.task).eval()
-
-    def torch_run(case: Case) -> np.ndarray:
-        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
-        with torch.no_grad():
-            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
-                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
-                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
-            types = None if case.token_type_ids is None else torch.from_numpy(case.token_type_ids)
-            return wrapper(ids, mask, types).numpy()
-
+    torch_run = torch_runner(model, spec)
     refs = {"merged_pytorch": [torch_run(c) for c in cases]}
     # the same module, back to the base weights, with the adapters as unmerged branches
     stage("validating: vs the base with the adapters unmerged")

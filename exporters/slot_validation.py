@@ -23,7 +23,7 @@ False and `failure` is the line to show.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,10 @@ from exporters.generation_check import (
     generation_prompts,
 )
 from exporters.hf_model import OUTPUT_NAME, PADDING_SIDE, max_positions
-from exporters.onnx_graph import GraphSpec, PlainWrapper
-from exporters.onnx_validation import CRITERION, VALIDATION_MAX_LEN, _cannot_run
+from exporters.onnx_graph import GraphSpec
+from exporters.onnx_validation import CRITERION, VALIDATION_MAX_LEN, _cannot_run, torch_runner
 from exporters.ort_adapter import Activation
-from exporters.ort_decoder import OrtDecoder, positions
+from exporters.ort_decoder import OrtDecoder
 from exporters.providers import open_session, really_used
 from exporters.slot_graph import ADAPTER_INDEX, mixed_rows
 from exporters.validate import Case, compare, failure_line, make_cases
@@ -50,20 +50,6 @@ from mora_core.forward import apply_unmerged
 def _cases(model: torch.nn.Module, task: str) -> list[Case]:
     config = model.config
     return make_cases(int(config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(config)), PADDING_SIDE[task])
-
-
-def _torch_runner(model: torch.nn.Module, spec: GraphSpec) -> Callable[[Case], np.ndarray]:
-    wrapper = PlainWrapper(model, spec.task).eval()
-
-    def run(case: Case) -> np.ndarray:
-        ids, mask = torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)
-        with torch.no_grad():
-            if spec.kv_cache:  # the graph's position ids: cumsum(mask) - 1
-                pos = torch.from_numpy(positions(case.attention_mask, ids.shape[1]))
-                return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
-            return wrapper(ids, mask).numpy()
-
-    return run
 
 
 def _run_cases(session, spec: GraphSpec, cases: Sequence[Case], run_options=None,
@@ -120,7 +106,7 @@ def validate_adapter_files(graph: Path, model: torch.nn.Module, spec: GraphSpec,
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
-    run = _torch_runner(model, spec)
+    run = torch_runner(model, spec)
     comparisons: dict[str, dict] = {}
     prompts = generation_prompts(int(model.config.vocab_size), min(VALIDATION_MAX_LEN, max_positions(model.config)))
     for (name, path), adapter, weight, outs in zip(files, adapters, weights, outputs):
@@ -154,7 +140,7 @@ def validate_mixed(graph: Path, model: torch.nn.Module, spec: GraphSpec, adapter
                 "failure": _cannot_run(provider, exc)}
     used, chain = really_used(session)
     del session
-    run = _torch_runner(model, spec)
+    run = torch_runner(model, spec)
     per_adapter: dict[int, list[np.ndarray]] = {-1: [run(c) for c in cases]}
     for j, adapter in enumerate(adapters):
         with apply_unmerged(model, [adapter], [1.0]):
