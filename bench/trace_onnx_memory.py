@@ -1,7 +1,7 @@
 """Where the peak RSS of `adapters merge --to onnx` is: resident memory sampled per stage.
 
     python bench/trace_onnx_memory.py [--shapes bench-100m|tinyllama-1.1b|llama-3.2-3b]
-        [--dtype float32|float16|int4] [--no-validate] [--interval 0.05] [--work DIR] [--json]
+        [--dtype float32|float16|int4] [--graph-writer auto|fused|torch] [--no-validate] [--interval 0.05] [--work DIR] [--json]
 
 Same base and adapters as `bench_onnx_export.py` (written once into `--work`, reused), one
 merge in this process (`exporters.pipeline.run_merge`, no registration) while a thread reads
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--interval", type=float, default=0.05)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-onnx-export"))
+    ap.add_argument("--graph-writer", default="auto", choices=["auto", "fused", "torch"],
+                    help="which writer makes a KV-cache graph (adapters merge --graph-writer)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -97,7 +99,7 @@ def main() -> None:
     trace = RssTrace(args.interval)
     opts = MergeOptions(adapters=[str(a) for a in adapters], base_dir=base, target="onnx", out_dir=out,
                         weights=[1.0, 0.5], dtype=args.dtype, validate=not args.no_validate, register=False,
-                        provider="cpu", on_stage=trace.mark)
+                        provider="cpu", on_stage=trace.mark, graph_writer=args.graph_writer)
     error = None
     try:
         summary = run_merge(opts)
