@@ -167,3 +167,15 @@ def test_merge_cli_graph_writer_option(root, tmp_path):
                 "--graph-writer", "fused", "--no-register"], env)
     assert r.code == 2 and r.err.count("\n") == 1 and "fused graph writer cannot write this model" in r.err
     assert not (tmp_path / "o").exists()
+
+
+def test_float16_is_traced_under_auto_and_fused_on_request(root, tmp_path):
+    """float16 KV graphs: "auto" traces them (the fused float16 graph carries about twice the
+    rounding), "fused" still writes and validates one."""
+    base, adapters, weights = _inputs(root, "llama")
+    auto = export_merged_onnx(base, adapters, weights, tmp_path / "auto", dtype="float16")
+    assert not auto["export"]["exporter"].startswith("exporters.fused_decoder")
+    fused = export_merged_onnx(base, adapters, weights, tmp_path / "fused", dtype="float16", graph_writer="fused")
+    assert fused["export"]["exporter"].startswith("exporters.fused_decoder")
+    assert fused["validation"]["passed"] and fused["validation"]["graph_dtype"] == "float16"
+    assert auto["validation"]["passed"]
