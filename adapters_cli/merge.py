@@ -52,8 +52,9 @@ DTYPE_CHOICES = ["auto", "float16", "bfloat16", "float32", "int4"]
               help="Decoders: export the plain graph (input_ids, attention_mask -> logits) without KV cache "
                    "or genai_config.json.")
 @click.option("--graph-writer", default="auto", type=click.Choice(["auto", "fused", "torch"]),
-              help="ONNX decoders with a KV cache: auto writes Llama/Mistral/Qwen2 with ONNX Runtime's fused ops "
-                   "(exporters.fused_decoder) and traces the rest with torch.onnx; fused or torch forces one.")
+              help="ONNX decoders with a KV cache: auto writes float32/int4 Llama/Mistral/Qwen2 graphs with ONNX "
+                   "Runtime's fused ops (exporters.fused_decoder) and traces the rest with torch.onnx (float16 "
+                   "included); fused or torch forces one.")
 @click.option("--allow-base-mismatch", is_flag=True,
               help="Merge even if --base differs from the base recorded when an adapter was pushed.")
 @click.option("--register/--no-register", default=True,
