@@ -87,6 +87,7 @@ def merge(adapters: tuple[str, ...], base_dir: str, target: str, out_dir: Path, 
         atol=atol, rtol=rtol, validate=not no_validate, kv_cache=not no_kv_cache, graph_writer=graph_writer,
         allow_base_mismatch=allow_base_mismatch,
         home=Path(home) if home else None, db_url=db_url, blob_url=blob_url(), register=register,
+        registry_process=True,  # this process has not imported the registry: open it beside torch's import
         progress=progress.update if target == "safetensors" else None, on_stage=progress.stage)
     summary = run_guarded(lambda: run_merge(opts), progress)
     if as_json:

@@ -18,7 +18,8 @@ Then, alternating, --reps times each (outputs deleted between runs):
   while written; one fresh store per repetition, created before timing;
 - moraT+reg again: registered in a store that merged this base before (an untimed primer
   run): the base's digests come from the store's file-digest cache.
-Wall time is whole process against whole process (interpreter start and imports included).
+Wall time is whole process against whole process (interpreter start and imports included;
+this project's packages compiled to bytecode first, as a wheel install does).
 Peak RSS is each child's own ru_maxrss (os.wait4). The page cache cannot be dropped here,
 so the base is read once beforehand (warm cache) and every run reads it from memory.
 
@@ -147,6 +148,24 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str, f
     return wall, ru.ru_maxrss / 1024 * (1 << 20) / MB, out.decode(), ru.ru_utime + ru.ru_stime
 
 
+PACKAGES = ("adapters_cli", "registry", "exporters", "mora_core")
+
+
+def compile_bytecode(pythonpath: str) -> list[str]:
+    """Compile this project's packages (wherever the children import them from) to bytecode,
+    as a wheel install does (scripts/setup.sh does it for the editable install): with
+    PYTHONDONTWRITEBYTECODE set, every child would otherwise compile ~100 modules again."""
+    import compileall
+
+    done = []
+    for entry in dict.fromkeys(pythonpath.split(os.pathsep)):
+        for pkg in PACKAGES:
+            if entry and (Path(entry) / pkg / "__init__.py").is_file():
+                compileall.compile_dir(str(Path(entry) / pkg), quiet=1)
+                done.append(str(Path(entry) / pkg))
+    return done
+
+
 def warm(folder: Path) -> None:
     for p in folder.iterdir():
         with open(p, "rb", buffering=0) as fh:
@@ -200,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         for h in homes:
             subprocess.run([sys.executable, "-c", "import sys; from registry.api import Registry; "
                             "Registry.open(sys.argv[1]).close()", str(h)], env=env, check=True)
+        compiled = compile_bytecode(pp)
+        print(f"bytecode: compiled {len(compiled)} packages ({', '.join(sorted({Path(c).parent.name for c in compiled}))}), "
+              "as a wheel install does")
         warm(base)
         run_child(merge_cmd + [str(tmp / f"mora{reg_type}"), "--base", str(base), "--to", "safetensors",
                                "-o", str(tmp / "primer"), "--json", "--home", str(homes[-1])], env)

@@ -57,6 +57,11 @@ class MergeOptions:
         allow_base_mismatch: merge a registry version onto a base other than the one recorded.
         home, db_url, blob_url: the registry (for references and registration).
         register: record the output as an artifact (ONNX: only when validated).
+        registry_process: register through a store opened in a separate process
+            (`registry.worker`), started first, so that its imports and the store's opening
+            (~0.4 s) run beside torch's import instead of before it. Taken when every adapter
+            is a folder (references are read through this process). The CLI sets it; a
+            library caller that already imported the registry gains nothing from it.
         replace_output: an existing `out_dir` is replaced, atomically, once the new output is
             complete (batch jobs re-run on changed inputs); otherwise it must not exist.
         progress: `(done, total, what)` callback for counted work within a stage (merge bytes).
@@ -85,6 +90,7 @@ class MergeOptions:
     db_url: str | None = None
     blob_url: str | None = None
     register: bool = True
+    registry_process: bool = False
     replace_output: bool = False
     progress: ProgressFn | None = field(default=None, repr=False)
     on_stage: StageFn | None = field(default=None, repr=False)
@@ -169,7 +175,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     opts.check(output=False)
     weights = opts.weight_list()
     from exporters.outputs import replace_folder
-    from exporters.recipe import BaseDigests, register_output
+    from exporters.recipe import register_output
     from mora_core.checkpoint import open_checkpoint
     from registry.hub import resolve_base
 
@@ -179,17 +185,18 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     base_dir = base.folder
     final = Path(opts.out_dir)
     with contextlib.ExitStack() as stack:
-        registry = _RegistryHandle(opts.home, opts.db_url, opts.blob_url)
+        worker = opts.registers and opts.registry_process and all(Path(a).is_dir() for a in opts.adapters)
+        registry = _RegistryHandle(opts.home, opts.db_url, opts.blob_url, worker=worker)
         stack.callback(registry.close)
         checkpoint = open_checkpoint(base_dir)  # once: merge, export and recipe share it
         base_digests = None
         with _collector_paused():  # SQLAlchemy's and torch's imports
             if opts.registers:  # what the store's cache lacks is hashed from now on, beside torch's import and the merge
-                base_digests = BaseDigests(registry.existing(), checkpoint.paths)
+                base_digests = registry.base_digests(checkpoint.paths)
                 stack.callback(base_digests.cancel)  # a failed run does not wait for the hash (no-op once done)
             from exporters.inputs import resolve_adapters  # imports torch
 
-        resolved = resolve_adapters(opts.adapters, base_dir, registry.get, opts.allow_base_mismatch)
+        resolved = resolve_adapters(opts.adapters, base_dir, registry.for_references, opts.allow_base_mismatch)
         loaded = [r.adapter for r in resolved]
         reclaimed = _reclaim(registry, final) if opts.registers and not opts.replace_output else []
         opts.check_output()
@@ -330,19 +337,42 @@ def parse_size(text: str | int) -> int:
 
 
 class _RegistryHandle:
-    """One registry handle per job, opened on first use and closed at the end."""
+    """One registry handle per job, opened on first use and closed at the end: the store in
+    this process (`registry.api.Registry`), or with `worker` in a separate process started
+    now (`registry.worker.RegistryWorker`, which answers the verbs a merge uses)."""
 
-    def __init__(self, home: Path | None, db_url: str | None, blob_url: str | None = None):
+    def __init__(self, home: Path | None, db_url: str | None, blob_url: str | None = None, *,
+                 worker: bool = False):
         self._home, self._db_url, self._blob_url, self._reg = home, db_url, blob_url, None
+        self._local = None  # references read in this process when the store is in a worker
+        self._worker = None
+        if worker:
+            from registry.worker import RegistryWorker
+
+            self._worker = RegistryWorker(home, db_url, blob_url)
         self.registered = False
 
     def get(self, create: bool = False):
         """The store; `create` makes it when missing (only for registering: reading creates nothing)."""
         if self._reg is None:
-            from registry.api import Registry
-
-            self._reg = Registry.open(self._home, self._db_url, blob_url=self._blob_url, create=create)
+            if self._worker is not None:
+                self._reg = self._worker.open(create)
+            else:
+                self._reg = self._open(create)
         return self._reg
+
+    def _open(self, create: bool):
+        from registry.api import Registry
+
+        return Registry.open(self._home, self._db_url, blob_url=self._blob_url, create=create)
+
+    def for_references(self):
+        """A store that resolves and materialises references (always in this process)."""
+        if self._worker is None:
+            return self.get()
+        if self._local is None:
+            self._local = self._open(False)
+        return self._local
 
     def existing(self):
         """The store, or None when it does not exist yet (nothing is created)."""
@@ -353,7 +383,20 @@ class _RegistryHandle:
         except StoreMissing:
             return None
 
+    def base_digests(self, paths: list[Path]):
+        """`exporters.recipe.BaseDigests` of the base files `paths`, started now. A worker is
+        asked from the hashing thread (it may still be importing); a store here right away."""
+        from exporters.recipe import BaseDigests
+        from registry.file_digests import lookup
+
+        if self._worker is not None:
+            worker = self._worker
+            return BaseDigests(lambda: worker.lookup_file_digests(paths), in_thread=True)
+        reg = self.existing()
+        return BaseDigests(lambda: reg.lookup_file_digests(paths) if reg is not None else lookup(None, paths))
+
     def close(self) -> None:
-        if self._reg is not None:
-            self._reg.close()
-            self._reg = None
+        for handle in (self._reg, self._local, self._worker):
+            if handle is not None:
+                handle.close()
+        self._reg = self._local = self._worker = None

@@ -11,21 +11,21 @@ Nothing here reads a weight file:
 - the base's digests come from `Registry.file_digests`, a cache keyed by file identity
   (path, size, mtime_ns, inode): the first merge of a base hashes it once, later merges
   of the same unchanged files hash nothing. `BaseDigests` hashes what the cache does not
-  answer in a thread that never touches the database, so that a first merge overlaps it
-  (hashlib releases the GIL).
+  answer in a thread, so that a first merge overlaps it (hashlib releases the GIL).
 """
 
 from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mora_core.adapter import Adapter
     from mora_core.checkpoint import Checkpoint
+    from registry.file_digests import PendingDigests
 
 TOOL_PACKAGES = ("adapter-registry", "torch", "safetensors", "transformers", "onnx", "onnxruntime-gpu",
                  "onnxruntime", "onnxscript")
@@ -48,32 +48,39 @@ def tool_versions() -> dict[str, str]:
 class BaseDigests:
     """The base's file digests, hashed in a background thread while the caller goes on.
 
-    Construction asks the store's cache (`registry.lookup_file_digests`, one query, in the
-    caller's thread; a store that does not exist yet answers nothing) and starts a thread
-    that hashes only the files it did not answer: that thread reads files and never
-    touches the database, so the caller keeps its one registry handle. A merge starts it
-    before importing torch, so the hashing (hashlib releases the GIL) overlaps the import
-    and the merge. `result(registry)` joins and records the fresh digests; `cancel()` stops
-    the thread at its next buffer (a failed run does not wait for a whole hash).
+    `lookup()` asks the store's cache (`lookup_file_digests`: one query; a store that does
+    not exist yet answers nothing) and the thread hashes only the files it did not answer.
+    The query runs in the caller's thread (an in-process store: the caller keeps its one
+    handle, and the thread never touches the database), or with `in_thread` first thing in
+    the thread (a `registry.worker` still importing: the caller need not wait for it). A
+    merge starts this before importing torch, so the hashing (hashlib releases the GIL)
+    overlaps the import and the merge. `result(registry)` joins and records the fresh
+    digests; `cancel()` stops the thread at its next buffer (a failed run does not wait for
+    a whole hash).
     """
 
-    def __init__(self, registry: Any | None, paths: Sequence[Path]):
-        from registry.file_digests import lookup
-
-        self._pending = registry.lookup_file_digests(paths) if registry is not None else lookup(None, paths)
+    def __init__(self, lookup: Callable[[], PendingDigests], *, in_thread: bool = False):
+        self._lookup = lookup
+        self._pending: PendingDigests | None = None if in_thread else lookup()
+        self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="base-digests", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._pending.hash()
+            if self._pending is None:
+                self._pending = self._lookup()
+            if not self._stop.is_set():
+                self._pending.hash()
         except BaseException as exc:  # handed to the caller's thread
             self._error = exc
 
     def cancel(self) -> None:
         """Stop hashing (at the next buffer) and wait for the thread."""
-        self._pending.cancel()
+        self._stop.set()
+        if self._pending is not None:
+            self._pending.cancel()
         self._thread.join()
 
     def result(self, registry: Any) -> dict[str, str]:

@@ -44,7 +44,7 @@ from registry.config import resolve_home, resolve_url, sqlite_file
 from registry.db import Database, ensure_schema, is_sqlite
 from registry.digests import manifest_digest
 from registry.errors import IntegrityError, RegistryError
-from registry.file_digests import PendingDigests, file_digests
+from registry.file_digests import PendingDigests, file_digests, recorder
 from registry.file_digests import lookup as lookup_digests
 from registry.folders import check_base
 from registry.hub import base_identity, resolve_base
@@ -182,7 +182,7 @@ class Registry:
 
     def finish_file_digests(self, pending: PendingDigests) -> dict[str, str]:
         """The last step of `lookup_file_digests`: {file name: `sha256:<hex>`}, in order."""
-        return pending.finish(self.db)
+        return pending.finish(recorder(self.db))
 
     # ------------------------------------------------------------------ artifacts and lineage
     def register_artifact(self, *, kind: str, path: Path, files: dict[str, str] | None = None,
@@ -227,9 +227,10 @@ class Registry:
         return queries.complete_refs(self.db, prefix, limit)
 
     # ------------------------------------------------------------------ outputs being written
-    def begin_output(self, path: str | Path, kind: str) -> int:
-        """Record an output this process starts writing (before its first byte); returns a token."""
-        return outputs.begin(self.db, path, kind)
+    def begin_output(self, path: str | Path, kind: str, pid: int | None = None) -> int:
+        """Record an output process `pid` (default: this one) starts writing (before its first
+        byte); returns a token."""
+        return outputs.begin(self.db, path, kind, pid)
 
     def output_placed(self, token: int, path: str | Path) -> None:
         """The output of `token` was just renamed into place (a re-run may replace it if killed now)."""

@@ -12,6 +12,11 @@ stamps unchanged; the tick is taken as COARSE_NS on filesystems whose stamps are
 seconds (FAT, ext3, HFS+) and FINE_NS elsewhere. A file whose identity changes while it is
 being hashed is an error. ctime is part of the identity because it cannot be set back (a
 copy that restores mtime still changes it).
+
+The cache logic (`pending_digests`, `PendingDigests`) takes the store's query and write as
+functions and imports nothing of SQLAlchemy: a merge that registers through a separate
+process (`registry.worker`) stats and hashes here and only asks that process for the rows.
+Only `lookup`, `prune` and the storing step touch the database.
 """
 
 from __future__ import annotations
@@ -20,18 +25,17 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
+from typing import TYPE_CHECKING, Any
 
 from registry.copying import Progress, hash_file
-from registry.db import Database
 from registry.errors import RegistryError
-from registry.models import FileDigest
+
+if TYPE_CHECKING:
+    from registry.db import Database
 
 COARSE_NS = 2_000_000_000  # whole-second stamps: FAT's are 2 s apart
 FINE_NS = 50_000_000  # ns stamps taken from the kernel's coarse clock (a jiffy: 1-10 ms)
@@ -52,10 +56,43 @@ class Identity:
         coarse = self.mtime_ns % 1_000_000_000 == 0 and self.ctime_ns % 1_000_000_000 == 0
         return hashed_ns - max(self.mtime_ns, self.ctime_ns) < (COARSE_NS if coarse else FINE_NS)
 
+    def to_json(self) -> list[int]:
+        return [self.size, self.mtime_ns, self.ctime_ns, self.inode]
+
+    @classmethod
+    def from_json(cls, v: Sequence[int]) -> Identity:
+        size, mtime_ns, ctime_ns, inode = (int(x) for x in v)
+        return cls(size, mtime_ns, ctime_ns, inode)
+
     @classmethod
     def of(cls, st: os.stat_result) -> Identity:
         ino = st.st_ino if st.st_ino < 1 << 63 else st.st_ino - (1 << 64)  # fits a signed BIGINT
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, ino)
+
+
+@dataclass(frozen=True)
+class HashedFile:
+    """A digest just taken, to be cached: the file's resolved path (the key), its identity
+    when hashed, the digest and when. `to_json`/`from_json` carry it between processes."""
+
+    path: str
+    identity: Identity
+    digest: str
+    hashed: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "identity": self.identity.to_json(), "digest": self.digest,
+                "hashed": self.hashed.isoformat()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HashedFile:
+        return cls(str(d["path"]), Identity.from_json(d["identity"]), str(d["digest"]),
+                   datetime.fromisoformat(d["hashed"]))
+
+
+Cached = dict[str, tuple[Identity, str]]  # resolved path -> (identity when hashed, digest)
+CachedQuery = Callable[[list[str]], Cached]
+Record = Callable[[list[HashedFile]], None]
 
 
 def file_digests(db: Database, paths: Sequence[str | Path], progress: Progress | None = None) -> dict[str, str]:
@@ -63,7 +100,7 @@ def file_digests(db: Database, paths: Sequence[str | Path], progress: Progress |
     identity does not match. File names must be distinct (they are the keys)."""
     pending = lookup(db, paths)
     pending.hash(progress)
-    return pending.finish(db)
+    return pending.finish(recorder(db))
 
 
 class Cancelled(RegistryError):
@@ -73,14 +110,14 @@ class Cancelled(RegistryError):
 @dataclass
 class PendingDigests:
     """One `file_digests` answer in three steps, so that the hashing may run on another thread
-    while the caller alone keeps the store handle: `lookup` (one query), `hash()` (reads files,
-    never the database; any thread), `finish(db)` (records what was hashed, returns all).
-    A merge starts the hashing before it imports torch, so the two overlap."""
+    while the caller alone keeps the store handle: `pending_digests` (one query), `hash()`
+    (reads files, never the database; any thread), `finish(record)` (records what was hashed,
+    returns all). A merge starts the hashing before it imports torch, so the two overlap."""
 
     names: list[str]
     known: dict[str, str]
     todo: list[tuple[Path, str, Identity]]
-    fresh: list[FileDigest] = field(default_factory=list)
+    fresh: list[HashedFile] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def hash(self, progress: Progress | None = None) -> None:
@@ -99,21 +136,20 @@ class PendingDigests:
                 raise RegistryError(f"{p}: changed while it was being hashed; try again")
             self.known[p.name] = digest
             if not ident.racy(started):
-                self.fresh.append(FileDigest(path=key, size=ident.size, mtime_ns=ident.mtime_ns,
-                                             ctime_ns=ident.ctime_ns, inode=ident.inode, digest=digest,
-                                             hashed=datetime.now(timezone.utc)))
+                self.fresh.append(HashedFile(key, ident, digest, datetime.now(timezone.utc)))
         self.todo = []
 
     def cancel(self) -> None:
         """Stop a `hash()` running in another thread at its next buffer."""
         self._stop.set()
 
-    def finish(self, db: Database | None) -> dict[str, str]:
-        """Record the fresh digests in `db` (None: nowhere) and return {name: digest} in order."""
+    def finish(self, record: Record | None) -> dict[str, str]:
+        """Hand the fresh digests to `record` (None: cache them nowhere) and return
+        {name: digest} in order."""
         if self.todo:
             raise RegistryError("file digests: hash() has not finished")
-        if self.fresh and db is not None:
-            _store(db, self.fresh)
+        if self.fresh and record is not None:
+            record(self.fresh)
         self.fresh = []
         return {n: self.known[n] for n in self.names}
 
@@ -121,6 +157,12 @@ class PendingDigests:
 def lookup(db: Database | None, paths: Sequence[str | Path]) -> PendingDigests:
     """Stat `paths` and take what the cache of `db` answers (None: a store that does not exist
     yet answers nothing); the rest is left for `PendingDigests.hash`."""
+    return pending_digests(paths, (lambda keys: cached(db, keys)) if db is not None else None)
+
+
+def pending_digests(paths: Sequence[str | Path], query: CachedQuery | None) -> PendingDigests:
+    """Stat `paths` and take what `query` (resolved paths -> cached rows; None: no cache)
+    answers for them; the rest is left for `PendingDigests.hash`."""
     given = [Path(p) for p in paths]
     names = [p.name for p in given]
     if len(set(names)) != len(names):
@@ -128,11 +170,11 @@ def lookup(db: Database | None, paths: Sequence[str | Path]) -> PendingDigests:
         raise RegistryError(f"file digests: two paths end in the same file name {dup!r}")
     keys = [str(p.resolve()) for p in given]
     idents = [Identity.of(_stat(p)) for p in given]
-    cached = _lookup(db, keys) if db is not None else {}
+    answers = query(keys) if query is not None else {}
     known: dict[str, str] = {}
     todo: list[tuple[Path, str, Identity]] = []
     for p, key, ident in zip(given, keys, idents):
-        hit = cached.get(key)
+        hit = answers.get(key)
         if hit is not None and hit[0] == ident:
             known[p.name] = hit[1]
         else:
@@ -142,6 +184,10 @@ def lookup(db: Database | None, paths: Sequence[str | Path]) -> PendingDigests:
 
 def prune(s) -> int:
     """Forget entries whose file is gone or changed (inside the caller's write transaction)."""
+    from sqlalchemy import select
+
+    from registry.models import FileDigest
+
     gone = 0
     for row in s.scalars(select(FileDigest)).all():
         try:
@@ -164,8 +210,13 @@ def _stat(p: Path) -> os.stat_result:
     return st
 
 
-def _lookup(db: Database, keys: list[str]) -> dict[str, tuple[Identity, str]]:
-    out: dict[str, tuple[Identity, str]] = {}
+def cached(db: Database, keys: list[str]) -> Cached:
+    """The cache rows of `db` for these resolved paths (one query per BATCH)."""
+    from sqlalchemy import select
+
+    from registry.models import FileDigest
+
+    out: Cached = {}
     with db.read() as s:
         for i in range(0, len(keys), BATCH):
             for row in s.scalars(select(FileDigest).where(FileDigest.path.in_(keys[i:i + BATCH]))):
@@ -173,12 +224,23 @@ def _lookup(db: Database, keys: list[str]) -> dict[str, tuple[Identity, str]]:
     return out
 
 
-def _store(db: Database, rows: list[FileDigest]) -> None:
+def recorder(db: Database) -> Record:
+    """`PendingDigests.finish`'s step that caches fresh digests in `db` (`store`)."""
+    return lambda rows: store(db, rows)
+
+
+def store(db: Database, rows: list[HashedFile]) -> None:
     """Insert or replace entries. Best effort: a store that cannot be written (read-only home,
     a role without INSERT) still answers, it only hashes again next time."""
+    from sqlalchemy.exc import DBAPIError
+
+    from registry.models import FileDigest
+
     try:
         with db.writing() as s:
             for row in rows:
-                s.merge(row)
+                i = row.identity
+                s.merge(FileDigest(path=row.path, size=i.size, mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns,
+                                   inode=i.inode, digest=row.digest, hashed=row.hashed))
     except DBAPIError:
         pass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from registry.names import artifact_ref, version_ref
+from registry.names import artifact_ref, parse_ref, version_ref
 
 
 def utc(dt: datetime) -> datetime:
@@ -87,6 +87,14 @@ class ArtifactInfo:
                 "files": self.files, "recipe": self.recipe, "report": self.report,
                 "inputs": [{"ref": r, "weight": w} for r, w in self.inputs],
                 "author": self.author, "created": self.created.isoformat()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArtifactInfo:
+        """The inverse of `to_dict` (an artifact sent between processes)."""
+        return cls(id=parse_ref(d["ref"]).artifact_id, digest=d["digest"], kind=d["kind"], path=d["path"],
+                   files=dict(d["files"]), recipe=d["recipe"], report=d["report"],
+                   inputs=[(i["ref"], i["weight"]) for i in d["inputs"]], author=d["author"],
+                   created=datetime.fromisoformat(d["created"]))
 
 
 @dataclass

@@ -82,18 +82,21 @@ def _safe_paths(row: Output) -> tuple[Path, Path] | None:
     return (path, partial) if row.partial == str(partial) else None
 
 
-def begin(db: Database, path: str | Path, kind: str) -> int:
-    """Record that this process starts writing the output `path`; returns the token.
+def begin(db: Database, path: str | Path, kind: str, pid: int | None = None) -> int:
+    """Record that process `pid` (default: this one) starts writing the output `path`;
+    returns the token. The writer's pid, not the caller's: a merge may register through a
+    separate process (`registry.worker`), and staleness is judged by the writer's life.
 
-    RegistryError if a live process (on this host) is writing the same path.
+    RegistryError if another live process (on this host) is writing the same path.
     """
     path = Path(path).absolute()
+    pid = os.getpid() if pid is None else pid
     with db.writing() as s:
         for row in s.scalars(select(Output).where(Output.path == str(path))):
-            if row.host == _host() and process_alive(row.pid) and row.pid != os.getpid():
+            if row.host == _host() and process_alive(row.pid) and row.pid != pid:
                 raise RegistryError(f"{path}: another merge (process {row.pid}) is writing this output")
-        row = Output(path=str(path), kind=kind[:32], host=_host(), pid=os.getpid(),
-                     partial=str(partial_path(path, os.getpid())), started=datetime.now(timezone.utc))
+        row = Output(path=str(path), kind=kind[:32], host=_host(), pid=pid,
+                     partial=str(partial_path(path, pid)), started=datetime.now(timezone.utc))
         s.add(row)
         s.flush()
         return row.id

@@ -30,3 +30,7 @@ if "$PY" -m pip show onnxruntime >/dev/null 2>&1; then
   ORT_GPU=$("$PY" -m pip show onnxruntime-gpu | sed -n 's/^Version: //p')
   "$PY" -m pip install -q --force-reinstall --no-deps "onnxruntime-gpu==$ORT_GPU"
 fi
+# bytecode for this package, as a wheel install compiles it: an editable install leaves it
+# to the first import, which never writes it where PYTHONDONTWRITEBYTECODE is set (every
+# command would compile ~100 modules again, ~0.1 s); a stale .pyc is ignored after an edit
+"$PY" -m compileall -q adapters_cli registry exporters mora_core >/dev/null

@@ -77,3 +77,64 @@ def test_first_merge_of_a_new_base_hashes_each_shard_once(tmp_path, registry_hom
     run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
                            out_dir=tmp_path / "o2", home=registry_home))
     assert [p for p in hashed if p in shards] == []
+
+
+def test_registering_through_a_worker_records_what_registering_here_records(tmp_path, registry_home, hashed):
+    """`registry_process=True` (the CLI's way): the same recipe and shard digests as a merge
+    registering in its own process, the base's digests from the cache (not hashed again), no
+    pending output left, and the merge's process never imports SQLAlchemy."""
+    import json
+    import subprocess
+    import sys
+
+    from registry import outputs
+    from registry.api import Registry
+
+    base = write_tensor_base(tmp_path / "base", llama_like(dtype=torch.bfloat16), shards=2)
+    write_mora_adapter(tmp_path / "a", mora_shapes(), r=8, mora_type=6)
+    time.sleep(0.1)
+    shards = sorted(p.resolve() for p in base.glob("*.safetensors"))
+    here = run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
+                                  out_dir=tmp_path / "here", home=registry_home))
+    hashed.clear()
+    apart = run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
+                                   out_dir=tmp_path / "apart", home=registry_home, registry_process=True))
+    assert [p for p in hashed if p in shards] == []
+    with Registry.open(registry_home) as reg:
+        a, b = reg.artifact(here["artifact"]["ref"]), reg.artifact(apart["artifact"]["ref"])
+        assert b.recipe["base"] == a.recipe["base"] and b.recipe["adapters"] == a.recipe["adapters"]
+        assert {k: v for k, v in b.files.items() if k != "README.md"} == \
+            {k: v for k, v in a.files.items() if k != "README.md"}
+        assert b.files == {p.name: sha(p) for p in sorted((tmp_path / "apart").iterdir())}
+        assert outputs.pending(reg.db) == []
+
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from exporters.pipeline import MergeOptions, run_merge\n"
+        "s = run_merge(MergeOptions(adapters=[sys.argv[1]], base_dir=Path(sys.argv[2]), target='safetensors',\n"
+        "              out_dir=Path(sys.argv[3]), home=Path(sys.argv[4]), registry_process=True))\n"
+        "print(json.dumps({'sqlalchemy': 'sqlalchemy' in sys.modules, 'ref': s['artifact']['ref']}))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), str(base), str(tmp_path / "third"),
+                          str(registry_home)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["sqlalchemy"] is False
+    with Registry.open(registry_home) as reg:
+        assert reg.artifact(answer["ref"]).recipe["base"] == a.recipe["base"]
+
+
+def test_a_failed_merge_through_a_worker_leaves_no_pending_output(tmp_path, registry_home):
+    from mora_core.errors import MergeError
+    from registry import outputs
+    from registry.api import Registry
+
+    base = write_tensor_base(tmp_path / "base", llama_like(dtype=torch.float16))
+    write_mora_adapter(tmp_path / "a", mora_shapes())
+    with pytest.raises(MergeError, match="not finite in float16"):  # fails mid-merge, after begin_output
+        run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
+                               out_dir=tmp_path / "out", weights=[1e30], home=registry_home, registry_process=True))
+    assert not (tmp_path / "out").exists()
+    with Registry.open(registry_home) as reg:
+        assert outputs.pending(reg.db) == []
