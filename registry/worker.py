@@ -37,6 +37,9 @@ from registry.errors import IntegrityError, RegistryError, StoreMissing
 from registry.file_digests import HashedFile, Identity, PendingDigests, pending_digests
 from registry.info import ArtifactInfo
 
+# the worker's entry point: the caller's working folder (first on `-c`'s path) is dropped,
+# so that a `registry/` folder there is never imported instead of this package
+BOOT = "import sys; del sys.path[0]; from registry.worker import main; main()"
 ERRORS: dict[str, type[RegistryError]] = {e.__name__: e for e in (RegistryError, IntegrityError, StoreMissing)}
 
 
@@ -52,7 +55,7 @@ class RegistryWorker:
         path = os.environ.get("PYTHONPATH")
         env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
         where = {"home": None if home is None else str(home), "db_url": db_url, "blob_url": blob_url}
-        self._proc = subprocess.Popen([sys.executable, "-m", "registry.worker", json.dumps(where)],
+        self._proc = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(where)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self._lock = threading.Lock()
 

@@ -142,3 +142,14 @@ def test_the_protocol_answers_one_line_per_request(registry_home):
                           capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
     assert answers == [{"ok": None}, {"error": ["KeyError", "'nope'"]}] and proc.returncode == 0
+
+
+def test_a_registry_folder_in_the_working_folder_is_not_imported(tmp_path, registry_home, monkeypatch):
+    decoy = tmp_path / "cwd" / "registry"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise SystemExit('the decoy registry package was imported')\n")
+    monkeypatch.chdir(decoy.parent)
+    w = RegistryWorker(registry_home)
+    assert w.open(create=True) is w
+    w.close()
+    assert w.wait(timeout=30) == 0
