@@ -28,6 +28,7 @@ from mora_core.checkpoint import Checkpoint
 from mora_core.errors import MergeError
 from mora_core.ops import DeltaOp
 from mora_core.plan import MergePlan, build_plan
+from mora_core.region import Region
 from mora_core.safetensors_io import (
     PlannedTensor,
     SafetensorsFile,
@@ -48,15 +49,15 @@ def needs_base(ops: Sequence[tuple[DeltaOp, float]]) -> bool:
     return any(op.needs_base for op, _ in ops)
 
 
-def footprint(ops: Sequence[tuple[DeltaOp, float]]) -> list[tuple[slice, slice]] | None:
-    """The rectangles some op of `ops` touches (overlaps allowed); None if one touches all."""
-    rects: list[tuple[slice, slice]] = []
+def footprint(ops: Sequence[tuple[DeltaOp, float]]) -> list[Region] | None:
+    """The regions some op of `ops` touches (overlaps allowed); None if one touches all."""
+    regions: list[Region] = []
     for op, _ in ops:
         mine = op.footprint()
         if mine is None:
             return None
-        rects += mine
-    return rects
+        regions += mine
+    return regions
 
 
 def apply_ops(w: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]], base: torch.Tensor | None) -> None:
@@ -250,7 +251,7 @@ class _Workspace:
     these machines), so the float32 working copy and the cast outputs live in buffers
     that only grow. A footprint merge (dtype kept) reads the base tensor straight into
     its output buffer (positioned reads: no fault per page of the file) and rewrites only
-    the rectangles; any other merge reads the base in place through a short-lived memory
+    the footprint's regions; any other merge reads the base in place through a short-lived memory
     map. The cast output alternates between two buffers, so the tensor handed to the
     writer stays intact while the next one is merged (a writer may hash it in the
     background meanwhile). A third output-dtype buffer holds `W' - W` as stored, whose
@@ -263,6 +264,7 @@ class _Workspace:
         self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._turn = 0
         self._diff = torch.empty(0, dtype=torch.uint8)
+        self._scratch = torch.empty(0, dtype=accumulate)  # one footprint region's base, widened
         self.changed, self.max_delta, self.max_delta_name = 0, 0.0, None
 
     @staticmethod
@@ -283,11 +285,11 @@ class _Workspace:
         self._turn ^= 1
         self._outs[self._turn] = buf = self._grow(self._outs[self._turn], out_bytes)
         out = buf[:out_bytes].view(out_dtype).view(info.shape)
-        rects = footprint(ops) if ops and out_dtype == torch_dtype(info.dtype) and not needs_base(ops) else None
-        if rects is not None:
+        regions = footprint(ops) if ops and out_dtype == torch_dtype(info.dtype) and not needs_base(ops) else None
+        if regions is not None:
             src.read_into(src_name, memoryview(buf.numpy())[:out_bytes])
             self._work = self._grow(self._work, info.numel)
-            delta = self._merge_footprint(self._work[: info.numel].view(info.shape), out, ops, rects, planned.name)
+            delta = self._merge_footprint(self._work[: info.numel].view(info.shape), out, ops, regions, planned.name)
         else:
             with src.mapped(src_name) as raw:
                 if not ops:
@@ -305,24 +307,35 @@ class _Workspace:
             self.max_delta, self.max_delta_name = delta, planned.name
         return out
 
-    @staticmethod
-    def _merge_footprint(w: torch.Tensor, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]],
-                         rects: list[tuple[slice, slice]], name: str) -> float:
-        """`out <- out + sum dW` when `out` holds the base tensor, the ops touch only `rects`
-        and the dtype is kept: the rectangles go through `w` (widened, added, cast once),
-        the rest stays the base's own bytes, which is what widening and rounding back would
-        give. Every rectangle is measured against the base before any is written back
-        (rectangles may overlap). Returns max |dW| applied."""
-        for rows, cols in rects:
-            w[rows, cols].copy_(out[rows, cols])
+    def _merge_footprint(self, w: torch.Tensor, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]],
+                         regions: list[Region], name: str) -> float:
+        """`out <- out + sum dW` when `out` holds the base tensor, the ops touch only `regions`
+        and the dtype is kept: the regions go through `w` (widened, added, cast once), the
+        rest stays the base's own bytes, which is what widening and rounding back would give.
+        Every region is measured against the base before any is written back (regions may
+        overlap). Returns max |dW| applied.
+
+        A region is one strided view, so each step is one torch op per region (MoRA type 6:
+        one region per period for all its whole diagonal blocks), and the ends of all regions
+        come back in one synchronisation. The base of a region is widened again into a
+        contiguous scratch buffer and subtracted there, all in `w`'s dtype: a mixed-dtype
+        subtraction of two strided views is several times slower (a 2048-column bf16 weight:
+        2.3 ms against 0.4 ms per tensor)."""
+        views = [(region.view(w), region.view(out)) for region in regions]
+        for wide, stored in views:
+            wide.copy_(stored)
         apply_ops(w, ops, None)
-        top = 0.0
-        for rows, cols in rects:
-            lo, hi = torch.aminmax(w[rows, cols] - out[rows, cols])
-            top = max(top, -float(lo), float(hi))
-        for rows, cols in rects:
-            out[rows, cols].copy_(w[rows, cols])
-        check_finite(out, name)  # the base's values outside the rectangles too, as a full cast would
+        self._scratch = self._grow(self._scratch, max((wide.numel() for wide, _ in views), default=0))
+        ends: list[torch.Tensor] = []
+        for wide, stored in views:
+            if wide.numel():
+                diff = self._scratch[: wide.numel()].view(wide.shape)
+                diff.copy_(stored)
+                ends += torch.aminmax(torch.sub(wide, diff, out=diff))
+        top = float(torch.stack(ends).abs().max()) if ends else 0.0  # max(-lo, hi) == max(|lo|, |hi|)
+        for wide, stored in views:
+            stored.copy_(wide)
+        check_finite(out, name)  # the base's values outside the regions too, as a full cast would
         return top
 
     def _cast_measured(self, w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, name: str) -> float:

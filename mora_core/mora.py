@@ -29,6 +29,7 @@ from functools import cached_property
 import torch
 
 from mora_core.errors import AdapterError
+from mora_core.region import Region
 
 MORA_TYPES = (1, 2, 3, 4, 6)
 _CYCLIC_COMPRESS = (1, 4, 6)
@@ -181,30 +182,60 @@ class MoraOperator:
         return y[..., self.decompress_map.to(x.device)]
 
     # ------------------------------------------------------------------ fused merge
-    def footprint(self) -> list[tuple[slice, slice]] | None:
-        """The rectangles `(rows, cols)` of the `[out, in]` weight that `add_into` reads and
-        writes; None when it is all of it. Type 6 touches only its diagonal blocks (row block
-        `i` on input block `i mod n_blocks`, wrapped columns split in contiguous runs), so a
-        merge need not widen and round the rest of the tensor (its cast back is the identity).
+    def footprint(self) -> tuple[Region, ...] | None:
+        """The regions of the logical `[out, in]` weight that `add_into` reads and writes;
+        None when it is all of it. Type 6 touches only its diagonal blocks (row block `i` on
+        input block `i mod n_blocks`), so a merge need not widen and round the rest of the
+        tensor (its cast back is the identity). They are the very regions `add_into` writes
+        through (`_type6_layout`): one per period for its whole diagonal blocks, one per
+        contiguous column run of a ragged or wrapped block (merged across periods).
         """
         if self.mora_type != 6:
             return None
-        r, in_f, out_f = self.r_hat, self.in_features, self.out_features
-        used = min(self.n_blocks, -(-out_f // r))
-        rects: list[tuple[slice, slice]] = []
-        for row0 in range(0, out_f, self.n_blocks * r):
-            for b in range(used):
+        diagonals, runs = self._type6_layout
+        return diagonals + tuple(region for region, _, _ in runs)
+
+    @cached_property
+    def _type6_layout(self) -> tuple[tuple[Region, ...], tuple[tuple[Region, int, int], ...]]:
+        """Where type 6's blocks land on the logical `[out, in]` weight.
+
+        `diagonals`: per period of `n_blocks * r_hat` rows, the blocks that lie whole on the
+        diagonal (block `b` at rows `row0 + b*r`, columns `b*r`): one region of `count` blocks,
+        step `(r, r)`. `runs`: `(region, b, k0)` for every other block `b` (ragged last row
+        block, wrapped last column block), one per contiguous column run, which receives
+        columns `k0 .. k0 + region.cols` of the block. A run recurring in every period at the
+        same columns with the same height is one region (step: the period). Runs of one
+        block onto the same rows keep their column order (they overlap when in < r_hat).
+        """
+        r, nb, in_f, out_f = self.r_hat, self.n_blocks, self.in_features, self.out_features
+        used = min(nb, -(-out_f // r))
+        period = nb * r
+        whole_cols = min(in_f // r, used)  # blocks b < this need no column wrap
+        diagonals: list[Region] = []
+        runs: dict[tuple[int, int, int, int, int], list[int]] = {}  # (b, k0, rows, col, cols) -> tops
+        for row0 in range(0, out_f, period):
+            k = min(whole_cols, (out_f - row0) // r)
+            if k:
+                diagonals.append(Region(row0, 0, r, r, k, (r, r)))
+            for b in range(k, used):
                 top = row0 + b * r
                 if top >= out_f:
                     break
-                rows = slice(top, min(top + r, out_f))
-                k = 0
-                while k < r:  # the same column runs as `_add_block`
-                    c = (b * r + k) % in_f
-                    span = min(r - k, in_f - c)
-                    rects.append((rows, slice(c, c + span)))
-                    k += span
-        return rects
+                rows = min(r, out_f - top)
+                k0 = 0
+                while k0 < r:
+                    c = (b * r + k0) % in_f
+                    span = min(r - k0, in_f - c)
+                    runs.setdefault((b, k0, rows, c, span), []).append(top)
+                    k0 += span
+        merged: list[tuple[Region, int, int]] = []
+        for (b, k0, rows, c, span), tops in runs.items():
+            first = 0
+            for i in range(1, len(tops) + 1):  # consecutive periods: one region
+                if i == len(tops) or tops[i] != tops[i - 1] + period:
+                    merged.append((Region(tops[first], c, rows, span, i - first, (period, 0)), b, k0))
+                    first = i
+        return tuple(diagonals), tuple(merged)
 
     def add_into(self, w: torch.Tensor, m: torch.Tensor, weight: float = 1.0) -> None:
         """`w += weight * delta(m)` in place, for `w` of shape `[out, in]` (any strides).
@@ -275,51 +306,32 @@ class MoraOperator:
         """Type 6: row block `i` gets `M R_b` (b = i mod n_blocks) on input block `b`.
 
         Every block that lies whole on the diagonal is updated in place through one strided
-        `[k, r, r]` view of `W` (three fused multiply-adds, no temporary); only the ragged
-        last row block and the wrapped last column block are built and added one by one.
-        Few ops and no large temporaries matter: on a busy machine each multi-threaded op
-        costs ~1 ms of scheduling, and fresh memory costs page faults.
+        `[k, r, r]` view of `W` per period (three fused multiply-adds, no temporary); the
+        ragged last row block and the wrapped last column block are built once and added
+        per column run (`_type6_layout`, the regions `footprint` declares). Few ops and no
+        large temporaries matter: on a busy machine each multi-threaded op costs ~1 ms of
+        scheduling, and fresh memory costs page faults.
         """
-        r, nb, in_f, out_f = self.r_hat, self.n_blocks, self.in_features, self.out_features
+        r, nb = self.r_hat, self.n_blocks
         h = r // 2
-        used = min(nb, -(-out_f // r))
         cos, sin = rope_tables(r, nb)
-        cos, sin = cos[:used].to(m.dtype), sin[:used].to(m.dtype)
+        cos, sin = cos.to(m.dtype), sin.to(m.dtype)
         if weight != 1.0:
             m = m * weight
-        period = nb * r
-        s0, s1 = w.stride()
-        whole_cols = min(in_f // r, used)  # blocks b < this need no column wrap
-        ragged: dict[int, torch.Tensor] = {}
-        for row0 in range(0, out_f, period):
-            k = min(whole_cols, (out_f - row0) // r)
-            if k:
-                # diag[b] += M R_b, written straight into W: no [k, r, r] temporary
-                diag = w.as_strided((k, r, r), (r * (s0 + s1), s0, s1), w.storage_offset() + row0 * s0)
-                diag.addcmul_(m.unsqueeze(0), cos[:k, None, :])
-                diag[:, :, h:].addcmul_(m[:, :h].unsqueeze(0), sin[:k, None, :h], value=-1)
-                diag[:, :, :h].addcmul_(m[:, h:].unsqueeze(0), sin[:k, None, h:])
-            for b in range(k, used):
-                if row0 + b * r < out_f:
-                    if b not in ragged:  # the same block recurs every period: build it once
-                        blk = m * cos[b]
-                        blk[:, h:].addcmul_(m[:, :h], sin[b, :h], value=-1)
-                        blk[:, :h].addcmul_(m[:, h:], sin[b, h:])
-                        ragged[b] = blk
-                    self._add_block(w, ragged[b], b, row0 + b * r)
-
-    def _add_block(self, w: torch.Tensor, blk: torch.Tensor, b: int, row0: int) -> None:
-        """`blk` onto rows row0.. and the columns of input block b (positions b*r .. b*r+r-1,
-        feature = position mod in_f), in contiguous column runs."""
-        r, in_f = self.r_hat, self.in_features
-        rows = slice(row0, min(row0 + r, self.out_features))
-        blk = blk[: rows.stop - rows.start]
-        k = 0
-        while k < r:
-            c = (b * r + k) % in_f
-            span = min(r - k, in_f - c)
-            w[rows, c: c + span].add_(blk[:, k: k + span])
-            k += span
+        diagonals, runs = self._type6_layout
+        for region in diagonals:  # diag[b] += M R_b, written straight into W
+            k, diag = region.count, region.view(w)
+            diag.addcmul_(m.unsqueeze(0), cos[:k, None, :])
+            diag[:, :, h:].addcmul_(m[:, :h].unsqueeze(0), sin[:k, None, :h], value=-1)
+            diag[:, :, :h].addcmul_(m[:, h:].unsqueeze(0), sin[:k, None, h:])
+        blocks: dict[int, torch.Tensor] = {}
+        for region, b, k0 in runs:
+            if b not in blocks:  # the same block recurs every period: build it once
+                blk = m * cos[b]
+                blk[:, h:].addcmul_(m[:, :h], sin[b, :h], value=-1)
+                blk[:, :h].addcmul_(m[:, h:], sin[b, h:])
+                blocks[b] = blk
+            region.view(w).add_(blocks[b][: region.rows, k0: k0 + region.cols])
 
 
 def _add_grouped(w: torch.Tensor, rows: torch.Tensor, size: int) -> None:

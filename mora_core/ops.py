@@ -13,8 +13,9 @@ An op is bound to a base tensor (its name and stored shape). Every op answers ev
   merging (a forward branch for low-rank ops, an in-place substitution for full tensors);
 - `needs_base`: whether `add_into` reads the original base tensor (the merge loop keeps a
   pristine copy only then);
-- `footprint()`: the rectangles of the tensor `add_into` reads and writes (None: all), so
-  the merge widens to float32 only those (MoRA type 6: its diagonal blocks).
+- `footprint()`: the regions of the tensor `add_into` reads and writes (None: all), so
+  the merge widens to float32 only those (MoRA type 6: its diagonal blocks, a strided
+  region per period, see `mora_core.region`).
 
 The merge loop and the unmerged forward only ever call these, so the math of each
 adapter kind lives in exactly one place.
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from mora_core.errors import MergeError
 from mora_core.mora import MoraOperator
+from mora_core.region import Region
 
 Undo = Callable[[], None]
 
@@ -62,9 +64,9 @@ class DeltaOp(ABC):
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The unmerged branch: `module(x; W + dW) - module(x; W)` for the module's input `x`."""
 
-    def footprint(self) -> list[tuple[slice, slice]] | None:
-        """The rectangles `(rows, cols)` of the stored 2-D tensor that `add_into` reads and
-        writes (the rest of `w` may hold anything and is left alone); None: the whole tensor."""
+    def footprint(self) -> tuple[Region, ...] | None:
+        """The regions of the stored 2-D tensor that `add_into` reads and writes (the rest of
+        `w` may hold anything and is left alone; regions may overlap); None: the whole tensor."""
         return None
 
     def attach(self, module: torch.nn.Module, param_name: str, weight: float) -> Undo:
@@ -169,11 +171,11 @@ class MoraOp(DeltaOp):
     def add_into(self, w: torch.Tensor, weight: float, base: torch.Tensor) -> None:
         self.operator.add_into(_logical(w, self.fan_in_fan_out), self.m, weight)
 
-    def footprint(self) -> list[tuple[slice, slice]] | None:
-        rects = self.operator.footprint()  # logical [out, in]
-        if rects is None or not self.fan_in_fan_out:
-            return rects
-        return [(cols, rows) for rows, cols in rects]
+    def footprint(self) -> tuple[Region, ...] | None:
+        regions = self.operator.footprint()  # logical [out, in]
+        if regions is None or not self.fan_in_fan_out:
+            return regions
+        return tuple(region.transposed() for region in regions)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return self.operator.forward(x, self.m.to(x.dtype))
