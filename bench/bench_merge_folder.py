@@ -14,13 +14,15 @@ Then, alternating, --reps times each (outputs deleted between runs):
 - moraT: `python -m adapters_cli merge ADAPTER --base SRC --to safetensors -o DST --no-register
   --json` for each type (the merge fsyncs every shard it writes; the floor does not);
 - moraT+reg: the same merge registered (the default) in a store that has never seen this
-  base: the base is hashed once (in a thread, beside the merge), the output is hashed
+  base: the store is opened by a registry worker process (beside torch's import), the base
+  is hashed once (in a thread, beside the import and the merge), the output is hashed
   while written; one fresh store per repetition, created before timing;
 - moraT+reg again: registered in a store that merged this base before (an untimed primer
   run): the base's digests come from the store's file-digest cache.
 Wall time is whole process against whole process (interpreter start and imports included;
 this project's packages compiled to bytecode first, as a wheel install does).
-Peak RSS is each child's own ru_maxrss (os.wait4). The page cache cannot be dropped here,
+Peak RSS is each child's own ru_maxrss (os.wait4), the larger of the merge's and its worker's;
+CPU adds both (the worker is reaped here, see `reap_orphans`). The page cache cannot be dropped here,
 so the base is read once beforehand (warm cache) and every run reads it from memory.
 
 Targets: merge median <= 1.5x floor median, registered or not; a second registered merge
@@ -135,8 +137,23 @@ def build_adapter(root: Path, n_layers: int, mora_type: int, r: int = 8) -> None
         "target_modules": [m.split(".")[-1] for m in LINEAR], "lora_dropout": 0.0, "bias": "none"}))
 
 
+def reap_orphans() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux prctl
+    PR_SET_CHILD_SUBREAPER): a process a merge leaves to finish on its own (the registry
+    worker, which exits after the merge closes its input) is then waited for here, and its
+    CPU counted with the merge's. False where the call is not available."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str, float]:
-    """(wall seconds, peak RSS MB of this child, stdout, CPU seconds user+sys) for one subprocess."""
+    """(wall seconds, peak RSS MB, stdout, CPU seconds user+sys) for one subprocess and every
+    process it started: the wall time runs until the last of them closed the output pipes
+    (the registry worker shares stderr), CPU adds them all, the peak is the largest one's."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out, err = p.stdout.read(), p.stderr.read()
@@ -145,7 +162,14 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str, f
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise RuntimeError(f"{cmd[:3]}... exited {p.returncode}:\n{err.decode()[-2000:]}")
-    return wall, ru.ru_maxrss / 1024 * (1 << 20) / MB, out.decode(), ru.ru_utime + ru.ru_stime
+    cpu, peak = ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+    while True:  # orphans handed to this process (see reap_orphans)
+        try:
+            _, _, ru = os.wait4(-1, 0)
+        except ChildProcessError:
+            break
+        cpu, peak = cpu + ru.ru_utime + ru.ru_stime, max(peak, ru.ru_maxrss)
+    return wall, peak / 1024 * (1 << 20) / MB, out.decode(), cpu
 
 
 PACKAGES = ("adapters_cli", "registry", "exporters", "mora_core")
@@ -192,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_merge_folder_", dir=args.dir or "/tmp"))
+    reaper = reap_orphans()
     pp = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(REPO)) if x)  # a patched mora_core may go first
     env = dict(os.environ, ADAPTERS_HOME=str(tmp / "home"), PYTHONPATH=pp)
     try:
@@ -228,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp / "primer")
         warm(base)
         print("page cache: cannot be dropped; base read once before timing (warm cache for every run)")
+        print("CPU: each merge's own plus its registry worker's (reaped here)" if reaper else
+              "CPU: each merge's own (this system cannot hand orphans to this process: the registry "
+              "worker's CPU is not counted)")
         print(f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
               "(a forked child's ru_maxrss starts at its parent's)")
 
