@@ -28,7 +28,7 @@ from mora_core.checkpoint import Checkpoint
 from mora_core.errors import MergeError
 from mora_core.ops import DeltaOp
 from mora_core.plan import MergePlan, build_plan
-from mora_core.region import Region
+from mora_core.region import Region, disjoint
 from mora_core.safetensors_io import (
     PlannedTensor,
     SafetensorsFile,
@@ -251,8 +251,9 @@ class _Workspace:
     these machines), so the float32 working copy and the cast outputs live in buffers
     that only grow. A footprint merge (dtype kept) reads the base tensor straight into
     its output buffer (positioned reads: no fault per page of the file) and rewrites only
-    the footprint's regions; any other merge reads the base in place through a short-lived memory
-    map. The cast output alternates between two buffers, so the tensor handed to the
+    the footprint's regions, widened into compact buffers (a full-size working copy only
+    where regions overlap); any other merge reads the base in place through a short-lived
+    memory map. The cast output alternates between two buffers, so the tensor handed to the
     writer stays intact while the next one is merged (a writer may hash it in the
     background meanwhile). A third output-dtype buffer holds `W' - W` as stored, whose
     ends give the finiteness check and the summary's max |dW|. Peak: working copy + three
@@ -264,7 +265,7 @@ class _Workspace:
         self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._turn = 0
         self._diff = torch.empty(0, dtype=torch.uint8)
-        self._scratch = torch.empty(0, dtype=accumulate)  # one footprint region's base, widened
+        self._scratch = torch.empty(0, dtype=accumulate)  # a footprint's base values, widened, compact
         self.changed, self.max_delta, self.max_delta_name = 0, 0.0, None
 
     @staticmethod
@@ -285,11 +286,9 @@ class _Workspace:
         self._turn ^= 1
         self._outs[self._turn] = buf = self._grow(self._outs[self._turn], out_bytes)
         out = buf[:out_bytes].view(out_dtype).view(info.shape)
-        regions = footprint(ops) if ops and out_dtype == torch_dtype(info.dtype) and not needs_base(ops) else None
-        if regions is not None:
+        if ops and out_dtype == torch_dtype(info.dtype) and not needs_base(ops) and footprint(ops) is not None:
             src.read_into(src_name, memoryview(buf.numpy())[:out_bytes])
-            self._work = self._grow(self._work, info.numel)
-            delta = self._merge_footprint(self._work[: info.numel].view(info.shape), out, ops, regions, planned.name)
+            delta = self._merge_footprint(out, ops, planned.name)
         else:
             with src.mapped(src_name) as raw:
                 if not ops:
@@ -307,36 +306,57 @@ class _Workspace:
             self.max_delta, self.max_delta_name = delta, planned.name
         return out
 
-    def _merge_footprint(self, w: torch.Tensor, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]],
-                         regions: list[Region], name: str) -> float:
-        """`out <- out + sum dW` when `out` holds the base tensor, the ops touch only `regions`
-        and the dtype is kept: the regions go through `w` (widened, added, cast once), the
-        rest stays the base's own bytes, which is what widening and rounding back would give.
-        Every region is measured against the base before any is written back (regions may
-        overlap). Returns max |dW| applied.
+    def _merge_footprint(self, out: torch.Tensor, ops: Sequence[tuple[DeltaOp, float]], name: str) -> float:
+        """`out <- out + sum dW` when `out` holds the base tensor, every op declares a footprint
+        and the dtype is kept: only the footprint's regions are widened (to the accumulation
+        dtype), added to and cast back once; the rest stays the base's own bytes, which is
+        what widening and rounding back would give. Returns max |dW| applied (in the
+        accumulation dtype, over the regions).
 
-        A region is one strided view, so each step is one torch op per region (MoRA type 6:
-        one region per period for all its whole diagonal blocks), and the ends of all regions
-        come back in one synchronisation. The base of a region is widened again into a
-        contiguous scratch buffer and subtracted there, all in `w`'s dtype: a mixed-dtype
-        subtraction of two strided views is several times slower (a 2048-column bf16 weight:
-        2.3 ms against 0.4 ms per tensor)."""
-        views = [(region.view(w), region.view(out)) for region in regions]
-        for wide, stored in views:
-            wide.copy_(stored)
-        apply_ops(w, ops, None)
-        self._scratch = self._grow(self._scratch, max((wide.numel() for wide, _ in views), default=0))
-        ends: list[torch.Tensor] = []
-        for wide, stored in views:
-            if wide.numel():
-                diff = self._scratch[: wide.numel()].view(wide.shape)
-                diff.copy_(stored)
-                ends += torch.aminmax(torch.sub(wide, diff, out=diff))
-        top = float(torch.stack(ends).abs().max()) if ends else 0.0  # max(-lo, hi) == max(|lo|, |hi|)
-        for wide, stored in views:
-            stored.copy_(wide)
+        Each region is one strided view, so every step is one torch op per region (MoRA
+        type 6: one region per period for all its whole diagonal blocks) and one sync per
+        tensor. The regions' base values are widened into a compact buffer `base`; the sums
+        are accumulated in a second compact buffer when no two regions overlap (small,
+        contiguous, cache-resident), else in views of a full-size working tensor, so that
+        overlapping regions add into the same elements. Every region is measured against
+        the base before any is written back. A non-finite base value anywhere in `out`
+        is refused, as a full cast would."""
+        footprints = [op.footprint() or () for op, _ in ops]
+        regions = [region for mine in footprints for region in mine]
+        stored = [region.view(out) for region in regions]
+        sizes = [region.numel for region in regions]
+        total = sum(sizes)
+        compact = disjoint(tuple(regions))
+        self._scratch = self._grow(self._scratch, total)
+        base = self._scratch[:total]
+        bases = [b.view(s.shape) for b, s in zip(base.split(sizes), stored)]
+        for b, s in zip(bases, stored):
+            b.copy_(s)
+        if compact:
+            self._work = self._grow(self._work, total)
+            work = self._work[:total]
+            wides = [x.view(s.shape) for x, s in zip(work.split(sizes), stored)]
+            work.copy_(base)
+        else:
+            self._work = self._grow(self._work, out.numel())
+            w = self._work[: out.numel()].view(out.shape)
+            wides = [region.view(w) for region in regions]
+            for x, b in zip(wides, bases):
+                x.copy_(b)
+        first = 0
+        for (op, weight), mine in zip(ops, footprints):
+            op.add_into_regions(wides[first: first + len(mine)], weight)
+            first += len(mine)
+        if compact:
+            torch.sub(work, base, out=base)
+        else:
+            for x, b in zip(wides, bases):
+                torch.sub(x, b, out=b)
+        lo, hi = torch.aminmax(base) if total else (torch.zeros(()), torch.zeros(()))
+        for x, s in zip(wides, stored):
+            s.copy_(x)
         check_finite(out, name)  # the base's values outside the regions too, as a full cast would
-        return top
+        return max(-float(lo), float(hi))
 
     def _cast_measured(self, w: torch.Tensor, raw: torch.Tensor, out: torch.Tensor, name: str) -> float:
         """`out <- w` (cast once), refusing a non-finite result (`MergeError`), and max |W' - W|

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -247,10 +248,10 @@ class MoraOperator:
         out_f, in_f = self.out_features, self.in_features
         if tuple(w.shape) != (out_f, in_f):
             raise ValueError(f"weight shape {tuple(w.shape)} != ({out_f}, {in_f})")
-        m = m.to(w.dtype)
         if self.mora_type == 6:
-            self._add_block_diagonal(w, m, weight)
+            self.add_into_regions([region.view(w) for region in self.footprint()], m, weight)
             return
+        m = m.to(w.dtype)
         if self.mora_type == 1 and self.r_hat <= in_f:
             self._add_tiled(w, m if weight == 1.0 else m * weight)
             return
@@ -302,36 +303,43 @@ class MoraOperator:
         if extra:
             add_row_tiled(slice(0, extra), m[:, r - extra:])
 
-    def _add_block_diagonal(self, w: torch.Tensor, m: torch.Tensor, weight: float) -> None:
-        """Type 6: row block `i` gets `M R_b` (b = i mod n_blocks) on input block `b`.
+    def add_into_regions(self, views: Sequence[torch.Tensor], m: torch.Tensor, weight: float = 1.0) -> None:
+        """Type 6: `views[i] += weight * delta(m)` on region `i` of `footprint()`, each view a
+        `[count, rows, cols]` tensor in the logical orientation holding that region's elements
+        (views of the weight, as `add_into` passes, or a compact copy of regions that do not
+        overlap). Row block `i` gets `M R_b` (b = i mod n_blocks) on input block `b`.
 
-        Every block that lies whole on the diagonal is updated in place through one strided
-        `[k, r, r]` view of `W` per period (three fused multiply-adds, no temporary); the
-        ragged last row block and the wrapped last column block are built once and added
-        per column run (`_type6_layout`, the regions `footprint` declares). Few ops and no
-        large temporaries matter: on a busy machine each multi-threaded op costs ~1 ms of
-        scheduling, and fresh memory costs page faults.
+        All whole diagonal blocks of a period are one view, updated in place (three fused
+        multiply-adds, no temporary); the ragged last row block and the wrapped last column
+        block are built once and added per column run. Few ops and no large temporaries
+        matter: on a busy machine each multi-threaded op costs ~1 ms of scheduling, and
+        fresh memory costs page faults.
         """
-        r, nb = self.r_hat, self.n_blocks
-        h = r // 2
-        cos, sin = rope_tables(r, nb)
+        if self.mora_type != 6:
+            raise ValueError(f"MoRA type {self.mora_type} updates the whole weight (no footprint)")
+        diagonals, runs = self._type6_layout
+        shapes = [(region.count, region.rows, region.cols) for region in diagonals + tuple(g for g, _, _ in runs)]
+        if [tuple(v.shape) for v in views] != shapes:
+            raise ValueError(f"views {[tuple(v.shape) for v in views]} are not the footprint's regions {shapes}")
+        m = m.to(views[0].dtype)
+        r, h = self.r_hat, self.r_hat // 2
+        cos, sin = rope_tables(r, self.n_blocks)
         cos, sin = cos.to(m.dtype), sin.to(m.dtype)
         if weight != 1.0:
             m = m * weight
-        diagonals, runs = self._type6_layout
-        for region in diagonals:  # diag[b] += M R_b, written straight into W
-            k, diag = region.count, region.view(w)
+        for region, diag in zip(diagonals, views):  # diag[b] += M R_b, written in place
+            k = region.count
             diag.addcmul_(m.unsqueeze(0), cos[:k, None, :])
             diag[:, :, h:].addcmul_(m[:, :h].unsqueeze(0), sin[:k, None, :h], value=-1)
             diag[:, :, :h].addcmul_(m[:, h:].unsqueeze(0), sin[:k, None, h:])
         blocks: dict[int, torch.Tensor] = {}
-        for region, b, k0 in runs:
+        for (region, b, k0), view in zip(runs, views[len(diagonals):]):
             if b not in blocks:  # the same block recurs every period: build it once
                 blk = m * cos[b]
                 blk[:, h:].addcmul_(m[:, :h], sin[b, :h], value=-1)
                 blk[:, :h].addcmul_(m[:, h:], sin[b, h:])
                 blocks[b] = blk
-            region.view(w).add_(blocks[b][: region.rows, k0: k0 + region.cols])
+            view.add_(blocks[b][: region.rows, k0: k0 + region.cols])
 
 
 def _add_grouped(w: torch.Tensor, rows: torch.Tensor, size: int) -> None:

@@ -15,7 +15,9 @@ An op is bound to a base tensor (its name and stored shape). Every op answers ev
   pristine copy only then);
 - `footprint()`: the regions of the tensor `add_into` reads and writes (None: all), so
   the merge widens to float32 only those (MoRA type 6: its diagonal blocks, a strided
-  region per period, see `mora_core.region`).
+  region per period, see `mora_core.region`);
+- `add_into_regions(views, weight)`: `add_into` on the footprint's regions alone, held in
+  any storage (the merge keeps non-overlapping regions in a compact buffer).
 
 The merge loop and the unmerged forward only ever call these, so the math of each
 adapter kind lives in exactly one place.
@@ -28,7 +30,7 @@ is `w.T`: in-place ops on that view write the stored tensor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -68,6 +70,13 @@ class DeltaOp(ABC):
         """The regions of the stored 2-D tensor that `add_into` reads and writes (the rest of
         `w` may hold anything and is left alone; regions may overlap); None: the whole tensor."""
         return None
+
+    def add_into_regions(self, views: Sequence[torch.Tensor], weight: float) -> None:
+        """`add_into` restricted to the footprint: `views[i]` (`[count, rows, cols]`, stored
+        orientation) holds the elements of `footprint()[i]`, as views of the weight or as a
+        compact copy when the regions do not overlap; the update never reads or writes
+        anything else. Only ops that declare a footprint answer it."""
+        raise ValueError(f"{self.source}: the update of {self.target} covers the whole tensor (no footprint)")
 
     def attach(self, module: torch.nn.Module, param_name: str, weight: float) -> Undo:
         """Add `weight * forward(x, W)` to `module`'s output (a forward hook); returns the undo.
@@ -176,6 +185,10 @@ class MoraOp(DeltaOp):
         if regions is None or not self.fan_in_fan_out:
             return regions
         return tuple(region.transposed() for region in regions)
+
+    def add_into_regions(self, views: Sequence[torch.Tensor], weight: float) -> None:
+        logical = [v.transpose(1, 2) for v in views] if self.fan_in_fan_out else views
+        self.operator.add_into_regions(logical, self.m, weight)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return self.operator.forward(x, self.m.to(x.dtype))

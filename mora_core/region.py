@@ -10,6 +10,7 @@ is applied to; `transposed()` maps it to the stored layout of a `[in, out]` (Con
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,19 @@ class Region:
         s0, s1 = t.stride()
         return t.as_strided((self.count, self.rows, self.cols), (self.step[0] * s0 + self.step[1] * s1, s0, s1),
                             t.storage_offset() + self.row * s0 + self.col * s1)
+
+
+@functools.lru_cache(maxsize=256)
+def disjoint(regions: tuple[Region, ...]) -> bool:
+    """Whether no element lies in two of `regions` (nor in two copies of one): then each
+    region's elements can live apart, in a compact buffer, and updates of one never
+    reach another. Cached: a model has a few shapes, each merged with the same regions."""
+    rects = sorted((r.row + i * r.step[0], r.col + i * r.step[1], r.rows, r.cols)
+                   for r in regions for i in range(r.count) if r.rows and r.cols)
+    for i, (row, col, rows, cols) in enumerate(rects):
+        for row1, col1, _, cols1 in rects[i + 1:]:  # sorted by row: stop past this one's rows
+            if row1 >= row + rows:
+                break
+            if col1 < col + cols and col < col1 + cols1:
+                return False
+    return True

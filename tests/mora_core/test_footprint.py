@@ -12,10 +12,10 @@ import torch
 from exporters.safetensors_out import merge_folder
 from mora_core.adapter import load_adapter
 from mora_core.errors import MergeError
-from mora_core.merge import merge_tensor
+from mora_core.merge import footprint, merge_tensor
 from mora_core.mora import MORA_TYPES, MoraOperator, mora_rank
-from mora_core.ops import MoraOp
-from mora_core.region import Region
+from mora_core.ops import LoraOp, MoraOp
+from mora_core.region import Region, disjoint
 from tests.builders import (
     llama_like,
     mora_shapes,
@@ -120,18 +120,67 @@ def test_other_types_touch_the_whole_tensor(mora_type):
     assert MoraOperator(48, 80, mora_rank(48, 80, 8, mora_type), mora_type).footprint() is None
 
 
+def test_disjoint_regions():
+    a = Region(0, 0, 2, 2, count=3, step=(2, 2))  # three 2x2 blocks on the diagonal
+    assert disjoint((a,))
+    assert disjoint((a, Region(0, 2, 2, 2)))  # beside the first block
+    assert not disjoint((a, Region(3, 3, 1, 1)))  # inside the second block
+    assert not disjoint((Region(0, 0, 2, 2, count=2, step=(1, 1)),))  # two copies of one region overlap
+    assert disjoint((Region(0, 0, 2, 2, count=2, step=(2, 0)), Region(0, 2, 4, 1)))
+
+
+@pytest.mark.parametrize("in_f,out_f,r_hat", SHAPES)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_type6_update_of_compact_regions_is_add_into_bit_for_bit(in_f, out_f, r_hat, fan_in_fan_out):
+    """The merge keeps non-overlapping regions apart in a compact buffer and updates them
+    there (add_into_regions): the same bits as add_into on the whole weight. Overlapping
+    regions (in < r_hat: a block's columns wrap onto themselves) are not disjoint, and
+    add_into_regions on views of the weight still gives add_into's bits."""
+    op = _type6(in_f, out_f, r_hat, fan_in_fan_out)
+    base, full, _ = _changed(op)
+    regions = op.footprint()
+    assert disjoint(tuple(regions)) == (in_f >= r_hat)
+    views = [region.view(base).clone() for region in regions]  # compact, one tensor per region
+    op.add_into_regions(views, 0.7)
+    if in_f >= r_hat:
+        for region, view in zip(regions, views):
+            assert torch.equal(view, region.view(full))
+    same = base.clone()
+    op.add_into_regions([region.view(same) for region in regions], 0.7)
+    assert torch.equal(same, full)
+
+
+def test_add_into_regions_takes_only_the_footprint():
+    op = _type6(48, 200, 14, False)
+    views = [torch.zeros(region.count, region.rows, region.cols) for region in op.footprint()]
+    with pytest.raises(ValueError, match="not the footprint's regions"):
+        op.add_into_regions(views[:-1], 1.0)
+    with pytest.raises(ValueError, match="not the footprint's regions"):
+        op.add_into_regions([v.transpose(1, 2) for v in views], 1.0)
+    whole = [MoraOp("w", (80, 48), "a", torch.zeros(14, 14), MoraOperator(48, 80, 14, 1)),
+             LoraOp("w", (80, 48), "a", torch.zeros(2, 48), torch.zeros(80, 2), 1.0)]
+    for other in whole:
+        assert other.footprint() is None
+        with pytest.raises(ValueError, match="no footprint"):
+            other.add_into_regions([torch.zeros(1, 80, 48)], 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_streamed_type6_merge_is_the_full_path_byte_for_byte(tmp_path, dtype):
+@pytest.mark.parametrize("pair", [False, True], ids=["one-compact", "two-overlapping"])
+def test_streamed_type6_merge_is_the_full_path_byte_for_byte(tmp_path, dtype, pair):
+    """One adapter: its regions do not overlap and are merged in compact buffers; two
+    adapters of different r_hat: their regions overlap and go through a full-size copy."""
     base = llama_like(dtype=dtype)
     write_tensor_base(tmp_path / "base", base, shards=2)
     write_mora_adapter(tmp_path / "a", mora_shapes(), mora_type=6, scale=0.05)
     write_mora_adapter(tmp_path / "b", mora_shapes(), mora_type=6, r=4, seed=1, scale=0.05)
-    adapters = [load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")]
-    report = merge_folder(tmp_path / "base", adapters, tmp_path / "out", weights=[0.5, 1.5])
+    adapters = [load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")][: 1 + pair]
+    weights = [0.5, 1.5][: 1 + pair]
+    report = merge_folder(tmp_path / "base", adapters, tmp_path / "out", weights=weights)
     got = read_folder(tmp_path / "out")
     from mora_core.plan import build_plan
 
-    plan = build_plan({k: tuple(v.shape) for k, v in base.items()}, adapters, [0.5, 1.5])
+    plan = build_plan({k: tuple(v.shape) for k, v in base.items()}, adapters, weights)
     assert plan.ops and all(op.footprint() is not None for ops in plan.ops.values() for op, _ in ops)
     for name, ops in plan.ops.items():
         want = merge_tensor(base[name], ops, name=name)  # widen all, add, round once
@@ -139,6 +188,7 @@ def test_streamed_type6_merge_is_the_full_path_byte_for_byte(tmp_path, dtype):
     deltas = [(merge_tensor(base[n], ops, out_dtype=torch.float32, name=n) - base[n].float()).abs().max().item()
               for n, ops in plan.ops.items()]
     assert report.to_dict()["max_abs_delta"] == pytest.approx(max(deltas), rel=1e-6)
+    assert {disjoint(tuple(footprint(ops))) for ops in plan.ops.values()} == {not pair}  # the path taken
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
