@@ -207,3 +207,25 @@ def test_non_finite_base_outside_the_footprint_is_still_refused(tmp_path, value)
     write_tensor_base(tmp_path / "base", base)
     with pytest.raises(MergeError, match=f"{name} is not finite in bfloat16"):
         merge_folder(tmp_path / "base", adapters, tmp_path / "out")
+
+
+def test_streamed_type6_merge_of_conv1d_weights_is_the_full_path_byte_for_byte(tmp_path):
+    """Conv1D (`fan_in_fan_out`) stores `[in, out]`: the regions are transposed, in compact
+    buffers (in >= r_hat) and on a full-size copy (in < r_hat: a block's columns wrap onto
+    themselves, so its regions overlap)."""
+    shapes = {"h.0.mlp.c_fc": (40, 150), "h.0.attn.c_attn": (40, 120), "h.0.mlp.c_proj": (10, 37)}
+    g = torch.Generator().manual_seed(3)
+    base = {f"{m}.weight": torch.randn(i, o, generator=g).to(torch.bfloat16) for m, (i, o) in shapes.items()}
+    write_tensor_base(tmp_path / "base", base)
+    write_mora_adapter(tmp_path / "a", shapes, mora_type=6, fan_in_fan_out=True, scale=0.05)
+    adapters = [load_adapter(tmp_path / "a")]
+    merge_folder(tmp_path / "base", adapters, tmp_path / "out")
+    got = read_folder(tmp_path / "out")
+    from mora_core.plan import build_plan
+
+    plan = build_plan({k: tuple(v.shape) for k, v in base.items()}, adapters, [1.0])
+    assert sorted(plan.ops) == sorted(base)
+    for name, ops in plan.ops.items():
+        assert torch.equal(got[name].view(torch.uint8), merge_tensor(base[name], ops, name=name).view(torch.uint8))
+        assert not torch.equal(got[name], base[name])
+    assert [disjoint(tuple(footprint(plan.ops[f"{m}.weight"]))) for m in shapes] == [True, True, False]
