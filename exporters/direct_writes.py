@@ -70,9 +70,9 @@ class AppendFile:
     """A new file (created exclusively, mode 0644) written front to back; see the module docstring.
 
     `append(data)` copies bytes; `append_from(fd, offset, count)` reads them from an open
-    file. `finish()` hands over the last buffer and, with a `hasher`, sets `digest` (the
-    sha256 of exactly the bytes written). `sync_and_close()` waits for the writes, sets the
-    true size, fsyncs and closes. Errors of the threads are raised by the next call.
+    file. `finish()` hands over the last buffer. `sync_and_close()` waits for the hashing and
+    the writes, sets `digest` with a `hasher` (the sha256 of exactly the bytes written) and
+    the true size, fsyncs and closes. Errors of the threads are raised by the next call.
     """
 
     def __init__(self, path: Path, pool: StagingPool, io: ThreadPoolExecutor, hasher: ThreadPoolExecutor | None):
@@ -192,18 +192,20 @@ class AppendFile:
             job.result()
 
     def finish(self) -> None:
-        """Hand over the last buffer and set `digest` (the writes may still be in flight)."""
+        """Hand over the last buffer; nothing is waited for (the caller goes on with the next
+        file while this one's last buffers are hashed and written: `sync_and_close` waits for
+        them and sets `digest`)."""
         self._hand_over()
-        if self._h is not None:
-            self._wait()  # the hash jobs are FIFO behind the last one: waiting for all is simplest
-            self.digest = "sha256:" + self._h.hexdigest()
         self._raise_error()
 
     def sync_and_close(self) -> None:
-        """Wait for the writes, cut the O_DIRECT padding, fsync and close (worker-thread safe)."""
+        """Wait for the hashing and the writes, set `digest`, cut the O_DIRECT padding, fsync
+        and close (worker-thread safe)."""
         try:
             self._wait()
             self._raise_error()
+            if self._h is not None:
+                self.digest = "sha256:" + self._h.hexdigest()
             if os.fstat(self._fd).st_size != self.bytes:
                 os.ftruncate(self._fd, self.bytes)
             os.fsync(self._fd)

@@ -51,8 +51,8 @@ class HashingShardWriter:
     through an `exporters.direct_writes.AppendFile`: copied (merged tensors) or read from
     the source file (raw copies) into staging buffers, which the I/O thread writes with
     `O_DIRECT` where the file system takes it and, with a `hasher`, the hash thread feeds to
-    the file's sha256 while the caller goes on. `digest` is set by `finish()`: the sha256 of
-    exactly the bytes written. A tensor is copied before `write` returns, so the caller may
+    the file's sha256 while the caller goes on. `digest` is set by `sync_and_close()`: the
+    sha256 of exactly the bytes written. A tensor is copied before `write` returns, so the caller may
     reuse its memory at once. Without a hasher nothing is hashed.
     """
 
@@ -105,7 +105,8 @@ class HashingShardWriter:
             os.close(fd)
 
     def finish(self) -> None:
-        """Check every planned tensor arrived and set `digest` (the fsync is `sync_and_close`)."""
+        """Check every planned tensor arrived and hand over the last bytes (`sync_and_close`
+        waits for them, sets `digest` and fsyncs)."""
         if self._next != len(self._plan):
             raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors written")
         self._file.finish()
@@ -159,10 +160,8 @@ class SafetensorsFolderWriter:
     def _advance(self) -> None:
         """Close the finished shard(s) (fsync in the background) and open the next one."""
         while self._left == 0:
-            if self._current is not None:
+            if self._current is not None:  # its last bytes are hashed, written and fsynced beside the next shard
                 self._current.finish()
-                if self._current.digest is not None:
-                    self.files[self._current.path.name] = self._current.digest
                 self._syncs.append((self._current, self._syncer.submit(self._current.sync_and_close)))
                 self._current = None
             self._shard += 1
@@ -193,8 +192,10 @@ class SafetensorsFolderWriter:
         """Wait for every shard's fsync, write the index when sharded; returns `files`."""
         if self._current is not None or self._shard < len(self._layout):
             raise RuntimeError(f"{self.folder}: the merge stopped before the last shard was complete")
-        for _, job in self._syncs:
+        for shard, job in self._syncs:
             job.result()
+            if shard.digest is not None:
+                self.files[shard.path.name] = shard.digest
         if len(self._layout) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
             digest = write_json(self.folder / INDEX_NAME, index)
