@@ -1,7 +1,5 @@
 """`python -m adapters_cli ...` is the `adapters` command."""
 
-import sys
+from adapters_cli.main import entry
 
-from adapters_cli.main import main
-
-sys.exit(main())
+entry()
