@@ -44,7 +44,7 @@ ERRORS: dict[str, type[RegistryError]] = {e.__name__: e for e in (RegistryError,
 
 
 class RegistryWorker:
-    """A store opened in a child process (`python -m registry.worker`); see the module docstring.
+    """A store opened in a child process (`registry.worker.main`); see the module docstring.
 
     The process starts (and imports the registry) at construction; the store is opened by
     the first call (`open`, or any verb). Thread-safe: calls are serialised.
