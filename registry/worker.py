@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from registry.errors import IntegrityError, RegistryError, StoreMissing
-from registry.file_digests import HashedFile, Identity, PendingDigests, pending_digests
+from registry.file_digests import (
+    HashedFile,
+    Identity,
+    PendingDigests,
+    cached,
+    pending_digests,
+    store,
+)
 from registry.info import ArtifactInfo
 
 # the worker's entry point: the caller's working folder (first on `-c`'s path) is dropped,
@@ -168,32 +175,32 @@ class _Store:
         return self.reg
 
 
-def _cached(store: _Store, keys: list[str]) -> dict[str, Any]:
-    from registry.file_digests import cached
+def _open(where: _Store, create: bool) -> None:
+    where.get(create)
 
-    rows = cached(store.get().db, keys)
+
+def _cached(where: _Store, keys: list[str]) -> dict[str, Any]:
+    rows = cached(where.get().db, keys)
     return {k: [ident.to_json(), digest] for k, (ident, digest) in rows.items()}
 
 
-def _record(store: _Store, rows: list[dict[str, Any]]) -> None:
-    from registry.file_digests import store as store_digests
-
-    store_digests(store.get().db, [HashedFile.from_json(r) for r in rows])
+def _record(where: _Store, rows: list[dict[str, Any]]) -> None:
+    store(where.get().db, [HashedFile.from_json(r) for r in rows])
 
 
-def _register(store: _Store, inputs: list[list[Any]], path: str, **args: Any) -> dict[str, Any]:
-    return store.get().register_artifact(path=Path(path), inputs=[(r, w) for r, w in inputs], **args).to_dict()
+def _register(where: _Store, inputs: list[list[Any]], path: str, **args: Any) -> dict[str, Any]:
+    return where.get().register_artifact(path=Path(path), inputs=[(r, w) for r, w in inputs], **args).to_dict()
 
 
 VERBS: dict[str, Callable[..., Any]] = {
-    "open": lambda store, create: store.get(create) and None,
+    "open": _open,
     "cached_file_digests": _cached,
     "record_file_digests": _record,
-    "file_digests": lambda store, paths: store.get().file_digests(paths),
-    "reclaim_output": lambda store, path: store.get().reclaim_output(path),
-    "begin_output": lambda store, path, kind, pid: store.get(create=True).begin_output(path, kind, pid),
-    "output_placed": lambda store, token, path: store.get().output_placed(token, path),
-    "end_output": lambda store, token: store.get().end_output(token),
+    "file_digests": lambda where, paths: where.get().file_digests(paths),
+    "reclaim_output": lambda where, path: where.get().reclaim_output(path),
+    "begin_output": lambda where, path, kind, pid: where.get(create=True).begin_output(path, kind, pid),
+    "output_placed": lambda where, token, path: where.get().output_placed(token, path),
+    "end_output": lambda where, token: where.get().end_output(token),
     "register_artifact": _register,
 }
 
@@ -202,19 +209,19 @@ def serve(requests: IO[bytes], answers: IO[bytes], where: dict[str, Any]) -> Non
     """Answer requests about the store `where` names until the end of input, then close it."""
     import registry.api  # noqa: F401  (the point of the worker: imported while the caller imports torch)
 
-    store = _Store(**where)
+    handle = _Store(**where)
     try:
         for line in requests:
             try:
                 req = json.loads(line)
-                answer: dict[str, Any] = {"ok": VERBS[req["verb"]](store, **req["args"])}
+                answer: dict[str, Any] = {"ok": VERBS[req["verb"]](handle, **req["args"])}
             except Exception as exc:  # every failure is the caller's to raise
                 answer = {"error": [type(exc).__name__, str(exc)]}
             answers.write(json.dumps(answer).encode() + b"\n")
             answers.flush()
     finally:
-        if store.reg is not None:
-            store.reg.close()
+        if handle.reg is not None:
+            handle.reg.close()
 
 
 def main() -> None:
