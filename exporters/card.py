@@ -18,7 +18,7 @@ is written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,13 @@ class OutputCard:
     """
 
     def __init__(self, kind: str, checkpoint: Checkpoint, resolved: Sequence[Any], weights: Sequence[float],
-                 dtype: str, accumulate: str, hub: dict[str, str] | None = None, name: str | None = None):
+                 dtype: str, accumulate: str, hub: dict[str, str] | None = None, name: str | None = None,
+                 digests: Callable[[], Sequence[str | None]] | None = None):
+        """`digests`: gives the adapters' weights digests found for the whole job
+        (`exporters.recipe.AdapterDigests.result`); without it the card hashes the files."""
         self.kind, self.checkpoint, self.resolved, self.weights = kind, checkpoint, list(resolved), list(weights)
         self.dtype, self.accumulate, self.hub, self.name = dtype, accumulate, hub, name
+        self._digests = digests
 
     def __call__(self, folder: Path, summary: dict[str, Any]) -> dict[str, str]:
         from exporters.recipe import build_recipe
@@ -51,7 +55,8 @@ class OutputCard:
         summary = {**summary, **({"merge": merge_figures(summary)} if self.kind == "safetensors" else {})}
         recipe = build_recipe(self.kind, self.checkpoint, {p.name: "" for p in self.checkpoint.paths},
                               self.resolved, self.weights, summary.get("dtype", self.dtype), self.accumulate,
-                              summary, adapter_digests(self.resolved), hub=self.hub)
+                              summary, self._digests() if self._digests else adapter_digests(self.resolved),
+                              hub=self.hub)
         recipe["base"]["files"] = {}  # known only to a registering run: in the record, not here
         inputs = {r.ref: {"kind": r.version.kind, "digest": r.version.digest, "base_model": r.version.base_model,
                           "base_revision": r.version.base_revision, "spec": r.version.spec or {}}

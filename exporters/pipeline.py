@@ -175,7 +175,7 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
     opts.check(output=False)
     weights = opts.weight_list()
     from exporters.outputs import replace_folder
-    from exporters.recipe import register_output
+    from exporters.recipe import AdapterDigests, register_output
     from mora_core.checkpoint import open_checkpoint
     from registry.hub import resolve_base
 
@@ -208,8 +208,11 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
         if opts.registers:  # recorded before the first byte: a kill leaves a known, cleanable output
             token = registry.get(create=True).begin_output(final, opts.target)
             stack.callback(_end_unless_registered, registry, token)
+        # the adapters' digests (the card's and the record's), found beside the merge
+        adapter_digests = AdapterDigests(registry.get() if opts.registers else None, resolved)
         card = _output_card(opts, checkpoint, resolved, weights,
-                            {"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
+                            {"repo": base.repo_id, "commit": base.commit} if base.repo_id else None,
+                            adapter_digests.result)
         if opts.target == "safetensors":
             from exporters.safetensors_out import merge_folder
 
@@ -248,7 +251,8 @@ def run_merge(opts: MergeOptions) -> dict[str, Any]:
             summary["artifact"] = register_output(
                 registry.get(), opts.target, final, summary["digests"], checkpoint, base_files, resolved, weights,
                 effective_dtype, opts.accumulate, facts, output=token,
-                hub={"repo": base.repo_id, "commit": base.commit} if base.repo_id else None)
+                hub={"repo": base.repo_id, "commit": base.commit} if base.repo_id else None,
+                adapter_digests=adapter_digests.result())
             registry.registered = True
         if reclaimed:
             summary["reclaimed"] = reclaimed
@@ -280,12 +284,12 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _output_card(opts: MergeOptions, checkpoint: Any, resolved: list, weights: list[float],
-                 hub: dict[str, str] | None) -> Any:
+                 hub: dict[str, str] | None, digests: Callable[[], list[str | None]]) -> Any:
     """The model card hook of this job's output (exporters.card)."""
     from exporters.card import OutputCard
 
     return OutputCard(opts.target, checkpoint, resolved, weights, opts.dtype, opts.accumulate, hub,
-                      name=Path(opts.out_dir).name)
+                      name=Path(opts.out_dir).name, digests=digests)
 
 
 def _reclaim(registry: _RegistryHandle, final: Path) -> list[str]:

@@ -16,6 +16,7 @@ Nothing here reads a weight file:
 
 from __future__ import annotations
 
+import functools
 import platform
 import threading
 from collections.abc import Callable, Sequence
@@ -33,16 +34,59 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def tool_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that shape an output."""
+    """Versions of Python and of the packages that shape an output (a fresh dict each call)."""
+    return dict(_tool_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _tool_versions() -> tuple[tuple[str, str], ...]:
+    """Read once per process: each metadata lookup scans the import path (~35 ms for all of
+    them here, paid twice per merge before: by the model card and by the record)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    out = [("python", platform.python_version())]
     for pkg in TOOL_PACKAGES:
         try:
-            out[pkg] = version(pkg)
+            out.append((pkg, version(pkg)))
         except PackageNotFoundError:
             continue
-    return out
+    return tuple(out)
+
+
+class AdapterDigests:
+    """Each adapter's weights digest (`adapter_digest`), found once per job in a background
+    thread that runs beside the merge, which `result()` joins.
+
+    Why: the model card and the recorded recipe both name these digests. Each used to find
+    them on its own, on the merge's serial tail after the last shard: the card hashed every
+    adapter file, and the record asked the store again, which hashed it a second time when
+    its cache did not know the file. Now a folder's file is hashed at most once: through
+    the store's file-digest cache when `registry` is given (a merge through
+    `registry.worker` hashes it in that process), else here (hashlib releases the GIL).
+    The thread also reads `tool_versions` once, so the card finds it cached.
+    """
+
+    def __init__(self, registry: Any | None, resolved: Sequence[Any]):
+        self._registry, self._resolved = registry, list(resolved)
+        self._digests: list[str | None] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="adapter-digests", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._digests = [adapter_digest(self._registry, r.adapter, r.version) for r in self._resolved]
+            tool_versions()
+        except BaseException as exc:  # handed to the caller's thread
+            self._error = exc
+
+    def result(self) -> list[str | None]:
+        """One digest per adapter, in order (None where there is no file to name); re-raises
+        the thread's error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return list(self._digests)
 
 
 class BaseDigests:
@@ -143,12 +187,15 @@ def adapter_digest(registry: Any | None, adapter: Adapter, version: Any | None) 
 def register_output(registry: Any, kind: str, out_dir: Path, files: dict[str, str] | None, checkpoint: Checkpoint,
                     base_digests: dict[str, str], resolved: Sequence[Any], weights: Sequence[float], dtype: str,
                     accumulate: str, summary: dict[str, Any], output: int | None = None,
-                    hub: dict[str, str] | None = None) -> dict[str, Any]:
+                    hub: dict[str, str] | None = None,
+                    adapter_digests: Sequence[str | None] | None = None) -> dict[str, Any]:
     """Record the output (whose `files` digests were taken while it was written) as an
     artifact whose lineage points at every registry version that went in. `files=None`
     (an exporter that does not hash as it writes) lets the registry hash the output.
-    `hub` ({"repo", "commit"}) names the base when it was resolved from the Hugging Face Hub."""
-    digests = [adapter_digest(registry, r.adapter, r.version) for r in resolved]
+    `hub` ({"repo", "commit"}) names the base when it was resolved from the Hugging Face Hub.
+    `adapter_digests`: one per adapter when already known (`AdapterDigests`), else found here."""
+    digests = (list(adapter_digests) if adapter_digests is not None
+               else [adapter_digest(registry, r.adapter, r.version) for r in resolved])
     recipe = build_recipe(kind, checkpoint, base_digests, resolved, weights, dtype, accumulate, summary, digests,
                           hub=hub)
     inputs = [(r.ref, w) for r, w in zip(resolved, weights) if r.version is not None]

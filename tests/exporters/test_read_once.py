@@ -23,6 +23,7 @@ def sha(path: Path) -> str:
 def hashed(monkeypatch) -> list[Path]:
     """Paths the registry hashes (file-digest cache misses and artifact re-hashing)."""
     import registry.artifacts
+    import registry.copying
     import registry.file_digests
     from registry.copying import hash_file
 
@@ -34,6 +35,7 @@ def hashed(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(registry.file_digests, "hash_file", counting)
     monkeypatch.setattr(registry.artifacts, "hash_file", counting)
+    monkeypatch.setattr(registry.copying, "hash_file", counting)  # what callers outside the registry import
     return seen
 
 
@@ -77,6 +79,24 @@ def test_first_merge_of_a_new_base_hashes_each_shard_once(tmp_path, registry_hom
     run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
                            out_dir=tmp_path / "o2", home=registry_home))
     assert [p for p in hashed if p in shards] == []
+
+
+def test_a_folder_adapter_is_hashed_once_for_its_card_and_its_record_then_never(tmp_path, reg, registry_home,
+                                                                                db_url, hashed):
+    """The model card and the recorded recipe name the same adapter digest, found once per run
+    (`exporters.recipe.AdapterDigests`): a new file is hashed once, a cached one not at all."""
+    base = write_tensor_base(tmp_path / "base", llama_like(), shards=2)
+    write_mora_adapter(tmp_path / "a", mora_shapes())
+    weights = (tmp_path / "a" / "adapter_model.safetensors").resolve()
+    time.sleep(0.1)  # files stamped in the last tick are hashed but not cached (git's racy rule)
+    for run, times in (("o1", 1), ("o2", 0)):
+        hashed.clear()
+        summary = run_merge(MergeOptions(adapters=[str(tmp_path / "a")], base_dir=base, target="safetensors",
+                                         out_dir=tmp_path / run, home=registry_home, db_url=db_url))
+        assert hashed.count(weights) == times, run
+        recipe = reg.artifact(summary["artifact"]["ref"]).recipe
+        assert [a["folder_digest"] for a in recipe["adapters"]] == [sha(weights)]
+        assert sha(weights) in (tmp_path / run / "README.md").read_text()
 
 
 def test_registering_through_a_worker_records_what_registering_here_records(tmp_path, registry_home, hashed):
