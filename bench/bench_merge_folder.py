@@ -11,6 +11,9 @@ linear modules of every layer, lora_A == lora_B = the r_hat x r_hat float32 matr
 Then, alternating, --reps times each (outputs deleted between runs):
 - floor: `python -c "import torch, shutil; shutil.copytree(src, dst)"` (a process that
   imports torch and reads and writes every byte; no fsync);
+- durable copy (a reference, no target): the floor, then every copied file and the folder
+  fsynced, as a registered output must be before it is recorded: how much of a merge's
+  excess over the floor is the disk's time to hold the bytes;
 - moraT: `python -m adapters_cli merge ADAPTER --base SRC --to safetensors -o DST --no-register
   --json` for each type (the merge fsyncs every shard it writes; the floor does not);
 - moraT+reg: the same merge registered (the default) in a store that has never seen this
@@ -56,6 +59,13 @@ LINEAR = {  # module -> (out, in) of the Linear weight
 }
 RSS_TARGET_FACTOR, RSS_TARGET_EXTRA_MB, TIME_TARGET, AGAIN_TARGET = 4, 400, 1.5, 1.2
 MB = 1e6
+DURABLE_COPY = """import os, shutil, sys, torch
+shutil.copytree(sys.argv[1], sys.argv[2])
+for path in [os.path.join(sys.argv[2], n) for n in os.listdir(sys.argv[2])] + [sys.argv[2]]:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+"""
 
 
 def _layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
@@ -233,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({total / (1 << 30):.2f} GiB), largest tensor {largest / MB:.1f} MB; "
               f"MoRA r=8 types {types} on all 7 linear modules per layer; set-up {time.perf_counter() - t0:.1f} s")
         floor_cmd = [sys.executable, "-c", "import sys, shutil, torch; shutil.copytree(sys.argv[1], sys.argv[2])"]
+        durable_cmd = [sys.executable, "-c", DURABLE_COPY]
         merge_cmd = [sys.executable, "-m", "adapters_cli", "merge"]  # the console script minus pyenv's shim
         print("floor: python -c 'import torch, shutil; shutil.copytree(SRC, DST)'\n"
+              "durable copy: the floor, then each file and the folder fsynced (a reference, no target)\n"
               "merge: python -m adapters_cli merge ADAPTER --base SRC --to safetensors -o DST --json "
               "[--no-register] --home H")
         reg_type = types[0]
@@ -259,15 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
               "(a forked child's ru_maxrss starts at its parent's)")
 
-        keys = ["floor", *(f"mora{t}" for t in types), f"mora{reg_type}+reg", f"mora{reg_type}+reg again"]
+        keys = ["floor", "durable copy", *(f"mora{t}" for t in types), f"mora{reg_type}+reg",
+                f"mora{reg_type}+reg again"]
         times: dict[str, list[float]] = {k: [] for k in keys}
         rss: dict[str, list[float]] = {k: [] for k in keys}
         cpu: dict[str, list[float]] = {k: [] for k in keys}
         dst = tmp / "out"
         for rep in range(args.reps):
             for key in keys:
-                if key == "floor":
-                    cmd = floor_cmd + [str(base), str(dst)]
+                if key in ("floor", "durable copy"):
+                    cmd = (floor_cmd if key == "floor" else durable_cmd) + [str(base), str(dst)]
                 else:
                     adapter = tmp / key.split("+")[0]
                     cmd = merge_cmd + [str(adapter), "--base", str(base), "--to", "safetensors", "-o", str(dst),
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         cmd += ["--home", str(homes[rep] if key.endswith("+reg") else homes[-1])]
                 wall, peak, out, cpu_s = run_child(cmd, env)
-                if key != "floor" and rep == 0:
+                if key.startswith("mora") and rep == 0:
                     with contextlib.suppress(json.JSONDecodeError):
                         rep_json = json.loads(out)
                         print(f"  {key}: tensors merged = {rep_json.get('tensors_merged')}, "
@@ -293,15 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         budget = RSS_TARGET_FACTOR * largest / MB + RSS_TARGET_EXTRA_MB
         print()
         print(f"largest tensor {largest / MB:.1f} MB (bf16); RSS budget 4 x {largest / MB:.1f} + 400 = {budget:.0f} MB")
+        durable_med = statistics.median(times["durable copy"])
         hdr = (f"{'run':>15} {'median s':>9} {'min s':>7} {'ratio':>6} {'target':>6} {'time':>5} "
-               f"{'peak RSS MB':>12} {'RSS':>5} {'CPU s':>6} {'CPU ratio':>9}")
+               f"{'peak RSS MB':>12} {'RSS':>5} {'CPU s':>6} {'CPU ratio':>9} {'vs durable':>10}")
         cpu_floor = statistics.median(cpu["floor"])
         print(hdr)
         print("-" * len(hdr))
         print(f"{'floor':>15} {floor_med:>9.2f} {min(times['floor']):>7.2f} {1.0:>6.2f} {'':>6} {'':>5} "
               f"{max(rss['floor']):>12.1f} {'':>5} {cpu_floor:>6.2f} {1.0:>9.2f}")
         ok = True
-        for k in keys[1:]:
+        print(f"{'durable copy':>15} {durable_med:>9.2f} {min(times['durable copy']):>7.2f} "
+              f"{durable_med / floor_med:>6.2f} {'':>6} {'':>5} {max(rss['durable copy']):>12.1f} {'':>5} "
+              f"{statistics.median(cpu['durable copy']):>6.2f} "
+              f"{statistics.median(cpu['durable copy']) / cpu_floor:>9.2f} {1.0:>10.2f}")
+        for k in keys[2:]:
             target = AGAIN_TARGET if k.endswith("again") else TIME_TARGET
             med = statistics.median(times[k])
             ratio = med / floor_med
@@ -310,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             ok &= tpass and rpass
             print(f"{k:>15} {med:>9.2f} {min(times[k]):>7.2f} {ratio:>6.2f} {target:>6.1f} "
                   f"{'PASS' if tpass else 'FAIL':>5} {peak:>12.1f} {'PASS' if rpass else 'FAIL':>5} "
-                  f"{statistics.median(cpu[k]):>6.2f} {statistics.median(cpu[k]) / cpu_floor:>9.2f}")
+                  f"{statistics.median(cpu[k]):>6.2f} {statistics.median(cpu[k]) / cpu_floor:>9.2f} "
+                  f"{med / durable_med:>10.2f}")
         print(f"targets: merge <= {TIME_TARGET}x floor (registered or not), a second registered merge of the "
               f"same base <= {AGAIN_TARGET}x (medians, whole process), peak RSS <= {budget:.0f} MB: "
               f"{'PASS' if ok else 'FAIL'}")
