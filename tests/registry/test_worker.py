@@ -135,6 +135,28 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_the_worker_closes_the_store_before_its_quick_exit(tmp_path):
+    """At the end of its input the worker skips the interpreter's teardown (`os._exit`), but only
+    after closing the store: SQLite's last connection checkpoints the write-ahead log into the
+    database and removes it, and a row written through the worker is there for the next reader."""
+    from registry.api import Registry
+    from registry.config import SQLITE_NAME
+
+    home = tmp_path / "home"
+    proc = subprocess.run([sys.executable, "-m", "registry.worker", json.dumps({"home": str(home)})],
+                          input=b'{"verb": "open", "args": {"create": true}}\n'
+                                b'{"verb": "begin_output", "args": {"path": "/tmp/never-written", "kind": "safetensors", "pid": 1}}\n',
+                          capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    token = json.loads(proc.stdout.splitlines()[1])["ok"]
+    assert (home / SQLITE_NAME).is_file() and not (home / (SQLITE_NAME + "-wal")).exists()
+    reg = Registry.open(home)
+    try:
+        reg.end_output(token)  # the pending row is there: ending it is what a failed merge does
+    finally:
+        reg.close()
+
+
 def test_the_protocol_answers_one_line_per_request(registry_home):
     """Nothing the worker's libraries print reaches the answers (stdout is the protocol)."""
     proc = subprocess.run([sys.executable, "-m", "registry.worker", json.dumps({"home": str(registry_home)})],
