@@ -63,7 +63,8 @@ class AdapterDigests:
     its cache did not know the file. Now a folder's file is hashed at most once: through
     the store's file-digest cache when `registry` is given (a merge through
     `registry.worker` hashes it in that process), else here (hashlib releases the GIL).
-    The thread also reads `tool_versions` once, so the card finds it cached.
+    The thread also reads `tool_versions` once and imports the card's renderer
+    (`registry.model_card.load_renderer`), so the card finds both ready.
     """
 
     def __init__(self, registry: Any | None, resolved: Sequence[Any]):
@@ -74,9 +75,12 @@ class AdapterDigests:
         self._thread.start()
 
     def _run(self) -> None:
+        from registry.model_card import load_renderer
+
         try:
             self._digests = [adapter_digest(self._registry, r.adapter, r.version) for r in self._resolved]
             tool_versions()
+            load_renderer()
         except BaseException as exc:  # handed to the caller's thread
             self._error = exc
 

@@ -18,6 +18,14 @@ from typing import Any
 from registry.info import ArtifactInfo, VersionInfo
 
 
+def load_renderer() -> None:
+    """Import what the metadata block needs (huggingface_hub's `ModelCardData`, with yaml
+    and filelock: ~50 ms here) ahead of the first card: a merge does it in a thread beside
+    its work (`exporters.recipe.AdapterDigests`), so the card written after its last shard
+    does not wait for it."""
+    from huggingface_hub import ModelCardData  # noqa: F401
+
+
 def _front_matter(**fields: Any) -> str:
     from huggingface_hub import ModelCardData
 
