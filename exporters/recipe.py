@@ -16,6 +16,7 @@ Nothing here reads a weight file:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import threading
@@ -79,10 +80,12 @@ class AdapterDigests:
 
         try:
             self._digests = [adapter_digest(self._registry, r.adapter, r.version) for r in self._resolved]
-            tool_versions()
-            load_renderer()
         except BaseException as exc:  # handed to the caller's thread
             self._error = exc
+            return
+        with contextlib.suppress(Exception):  # warming only: the card itself raises what goes wrong here
+            tool_versions()
+            load_renderer()
 
     def result(self) -> list[str | None]:
         """One digest per adapter, in order (None where there is no file to name); re-raises
