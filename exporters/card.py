@@ -37,13 +37,13 @@ class OutputCard:
         dtype, accumulate: what was asked (the summary's figures say what was used).
         hub: {"repo", "commit"} when the base came from the Hugging Face Hub.
         name: the output's name, the card's title (the folder written may be a temporary one).
+        digests: gives the adapters' weights digests, found once for the whole job
+            (`exporters.recipe.AdapterDigests.result`: the record names the same ones).
     """
 
     def __init__(self, kind: str, checkpoint: Checkpoint, resolved: Sequence[Any], weights: Sequence[float],
-                 dtype: str, accumulate: str, hub: dict[str, str] | None = None, name: str | None = None,
-                 digests: Callable[[], Sequence[str | None]] | None = None):
-        """`digests`: gives the adapters' weights digests found for the whole job
-        (`exporters.recipe.AdapterDigests.result`); without it the card hashes the files."""
+                 dtype: str, accumulate: str, hub: dict[str, str] | None = None, name: str | None = None, *,
+                 digests: Callable[[], Sequence[str | None]]):
         self.kind, self.checkpoint, self.resolved, self.weights = kind, checkpoint, list(resolved), list(weights)
         self.dtype, self.accumulate, self.hub, self.name = dtype, accumulate, hub, name
         self._digests = digests
@@ -55,8 +55,7 @@ class OutputCard:
         summary = {**summary, **({"merge": merge_figures(summary)} if self.kind == "safetensors" else {})}
         recipe = build_recipe(self.kind, self.checkpoint, {p.name: "" for p in self.checkpoint.paths},
                               self.resolved, self.weights, summary.get("dtype", self.dtype), self.accumulate,
-                              summary, self._digests() if self._digests else adapter_digests(self.resolved),
-                              hub=self.hub)
+                              summary, self._digests(), hub=self.hub)
         recipe["base"]["files"] = {}  # known only to a registering run: in the record, not here
         inputs = {r.ref: {"kind": r.version.kind, "digest": r.version.digest, "base_model": r.version.base_model,
                           "base_revision": r.version.base_revision, "spec": r.version.spec or {}}
@@ -71,11 +70,3 @@ def merge_figures(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("tensors_total", "tensors_merged", "tensors_changed", "max_abs_delta", "max_abs_delta_tensor",
             "dtype", "dtype_requested", "untied")
     return {k: summary[k] for k in keys if k in summary}
-
-
-def adapter_digests(resolved: Sequence[Any]) -> list[str | None]:
-    """Each adapter's weights digest, without the registry handle (it may be busy in the
-    base-digest thread): `exporters.recipe.adapter_digest` with no registry."""
-    from exporters.recipe import adapter_digest
-
-    return [adapter_digest(None, r.adapter, r.version) for r in resolved]
